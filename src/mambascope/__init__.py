@@ -1,0 +1,2 @@
+"""mambascope."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Datasets and splits: MIL bags, patch HDF5, image folders, BraTS cases."""

@@ -1,0 +1,1 @@
+"""Patch feature extraction: backbone registry, streaming pipeline, features HDF5 store."""

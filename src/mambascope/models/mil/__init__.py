@@ -1,0 +1,1 @@
+"""Slide-level multiple-instance learning aggregators (importing registers them)."""

@@ -1,0 +1,1 @@
+"""Patch and microscopy image classifiers (importing registers them)."""

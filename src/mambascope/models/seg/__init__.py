@@ -1,0 +1,1 @@
+"""3D segmentation models (importing registers them)."""

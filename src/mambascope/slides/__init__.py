@@ -1,0 +1,1 @@
+"""Whole-slide reading, tissue detection, tiling and the coordinates HDF5 store."""

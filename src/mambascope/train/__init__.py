@@ -1,0 +1,1 @@
+"""Training: one Lightning module per task family, shared run-directory setup."""
