@@ -109,6 +109,9 @@ def test_fingerprint_is_cheap_and_content_dependent(tmp_path):
         assert slide.fingerprint() == file_fingerprint(sample_path(SVS))
     copy = corrupted_copy(SVS, tmp_path / "changed.svs", 1_900_000, 1_900_010)
     assert file_fingerprint(copy) != file_fingerprint(sample_path(SVS))
+    renamed = tmp_path / "renamed.svs"
+    renamed.write_bytes(sample_path(SVS).read_bytes())
+    assert file_fingerprint(renamed) == file_fingerprint(sample_path(SVS))  # same bytes, other name
 
 
 def test_mpp_override_and_vendor_fallbacks():

@@ -17,6 +17,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     if value is None:
         return None
     values = load_yaml_config(value)
+    values.pop("command", None)  # written by save_run_config, so a run's config.yaml can be fed back
     command = ctx.command
     known = {p.name for p in command.params if p.name and p.name != "config"}
     unknown = sorted(set(values) - known)

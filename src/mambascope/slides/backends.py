@@ -68,7 +68,9 @@ def to_rgb_uint8(pixels: np.ndarray) -> np.ndarray:
     if channels == 4:
         alpha = array[..., 3:4]
         if alpha.min() == 255:
-            return np.ascontiguousarray(array[..., :3])
+            import cv2
+
+            return cv2.cvtColor(array, cv2.COLOR_RGBA2RGB)  # one SIMD pass, faster than a strided copy
         weight = alpha.astype(np.uint16)
         blended = (array[..., :3].astype(np.uint16) * weight + 255 * (255 - weight) + 127) // 255
         return blended.astype(np.uint8)

@@ -100,16 +100,17 @@ def magnification_from_properties(props: Mapping[str, str]) -> float | None:
 
 
 def file_fingerprint(path: str | Path) -> str:
-    """sha256 over file names, sizes and the first and last MiB of each file (cheap on huge slides).
+    """sha256 over sizes and the first and last MiB of each file (cheap on huge slides).
 
-    A folder (DICOM-WSI series) is fingerprinted over all its files.
+    A single file's name is left out, so a renamed or linked slide keeps its fingerprint; a folder
+    (DICOM-WSI series) is fingerprinted over all its files, with their names.
     """
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
-        digest.update(f"{file.name}:{size};".encode())
+        digest.update(f"{file.name if path.is_dir() else ''}:{size};".encode())
         with open(file, "rb") as handle:
             digest.update(handle.read(_FINGERPRINT_BYTES))
             if size > _FINGERPRINT_BYTES:

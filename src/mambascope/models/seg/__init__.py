@@ -1,1 +1,5 @@
-"""3D segmentation models (importing registers them)."""
+"""3D segmentation models (importing registers them): SegMamba."""
+
+from mambascope.models.seg.segmamba import SegMamba
+
+__all__ = ["SegMamba"]

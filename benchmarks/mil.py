@@ -1,0 +1,140 @@
+"""Training cost of the MIL aggregators: time per epoch and peak memory, with ratios against abmil-gated.
+
+Issue target: on 1,000 bags of 8,000 × 1024-d features, `mamba2d` within 2× of `abmil-gated` per epoch
+on the GPU. The full size is the default; on a CPU use reduced sizes, e.g.
+
+    python benchmarks/mil.py --device cpu --bags 20 --patches 2000 --dim 1024
+
+Each model runs in its own process (peak memory is then its own): a training epoch is `--bags`
+optimizer steps (one bag each, AdamW, loss backward), timed after `--warmup` steps; bags are drawn
+from a pool of `--pool` synthetic bags with lattice coordinates (so mamba2d builds real grids).
+Epoch time is extrapolated from the timed steps when `--timed-steps` is below `--bags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+MODELS = ("abmil", "abmil-gated", "transmil", "mambamil", "mamba2d")
+REFERENCE = "abmil-gated"
+
+
+def _lattice(n: int, generator):
+    import torch
+
+    side = int((n * 1.6) ** 0.5) + 1
+    cells = torch.randperm(side * side, generator=generator)[:n].sort().values
+    return torch.stack([(cells % side) * 256, (cells // side) * 256], dim=1)
+
+
+def _run_one(name: str, args: argparse.Namespace, queue) -> None:
+    import torch
+
+    from mambascope.models import create_model
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    pool = [(torch.randn(args.patches, args.dim, generator=generator).to(device),
+             _lattice(args.patches, generator).to(device), torch.tensor([i % 2], device=device))
+            for i in range(args.pool)]
+    model = create_model(name, in_dim=args.dim, num_classes=2).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step(i: int) -> None:
+        features, coords, label = pool[i % len(pool)]
+        with amp:
+            out = model(features, coords)
+            loss = torch.nn.functional.cross_entropy(out.logits.float().unsqueeze(0), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timed = min(args.timed_steps or args.bags, args.bags)
+    start = time.perf_counter()
+    for i in range(timed):
+        step(i)
+    sync()
+    seconds_per_bag = (time.perf_counter() - start) / timed
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak_kind = "GPU MiB (allocated)"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_kind = "process RSS MiB"
+    params = sum(p.numel() for p in model.parameters())
+    queue.put({"model": name, "epoch_s": seconds_per_bag * args.bags, "bag_ms": seconds_per_bag * 1e3,
+               "peak_mib": peak, "peak_kind": peak_kind, "params": params, "timed_steps": timed})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--bags", type=int, default=1000, help="bags per epoch")
+    parser.add_argument("--patches", type=int, default=8000, help="patches per bag")
+    parser.add_argument("--dim", type=int, default=1024, help="feature width")
+    parser.add_argument("--pool", type=int, default=4, help="distinct synthetic bags cycled through")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timed-steps", type=int, default=None, help="time this many steps and extrapolate")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if REFERENCE not in args.models:
+        args.models.insert(0, REFERENCE)
+
+    context = mp.get_context("spawn")
+    results = []
+    for name in args.models:
+        queue = context.Queue()
+        process = context.Process(target=_run_one, args=(name, args, queue))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            print(f"{name}: failed (exit code {process.exitcode})", file=sys.stderr)
+            continue
+        results.append(queue.get())
+
+    reference = next((r for r in results if r["model"] == REFERENCE), None)
+    print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {args.patches} x {args.dim}-d"
+          f"{' (bf16 autocast)' if args.bf16 else ''}; peak = {results[0]['peak_kind'] if results else '-'}")
+    print(f"{'model':<13}{'params':>11}{'ms/bag':>10}{'s/epoch':>11}{'peak MiB':>11}{'vs ' + REFERENCE:>18}")
+    for r in results:
+        ratio = r["epoch_s"] / reference["epoch_s"] if reference else float("nan")
+        r["ratio_vs_reference"] = ratio
+        print(f"{r['model']:<13}{r['params']:>11,}{r['bag_ms']:>10.1f}{r['epoch_s']:>11.1f}{r['peak_mib']:>11.0f}"
+              f"{ratio:>17.2f}x")
+    mamba2d = next((r for r in results if r["model"] == "mamba2d"), None)
+    if mamba2d and reference:
+        verdict = "meets" if mamba2d["ratio_vs_reference"] <= 2.0 else "misses"
+        print(f"mamba2d / {REFERENCE} per epoch: {mamba2d['ratio_vs_reference']:.2f}x ({verdict} the 2x target"
+              f"{'' if args.device.startswith('cuda') else ', which is set for the GPU'})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "results": results}, handle, indent=2)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

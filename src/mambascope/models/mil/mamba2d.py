@@ -1,0 +1,70 @@
+"""2DMamba-MIL (Zhang et al. 2025): a 2D selective scan over the slide's own patch grid.
+
+Projected patch features are placed on the grid built from the bag's coordinates (`grid.patch_grid`;
+patches sharing a cell are averaged), mixed by residual `Mamba2D` layers whose mask marks non-tissue
+cells (they neither feed nor receive the scan), normalised, and pooled with gated attention over the
+real cells only. A patch's score is its cell's attention weight split among the patches in the cell.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mambascope.models.mil.grid import patch_grid
+from mambascope.models.mil.layers import AttentionPooling, projection
+from mambascope.models.mil.output import MILOutput, check_bag
+from mambascope.models.registry import register_model
+
+
+class Mamba2DLayer(nn.Module):
+    """x + Mamba2D(LN(x), mask) on a (1, H, W, dim) grid."""
+
+    def __init__(self, dim: int, d_state: int, expand: int, backend: str):
+        super().__init__()
+        from mambascope.ssm import Mamba2D
+
+        self.norm = nn.LayerNorm(dim)
+        self.mamba = Mamba2D(dim, d_state=d_state, expand=expand, backend=backend)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x + self.mamba(self.norm(x), mask)
+
+
+class Mamba2DMIL(nn.Module):
+    """Projection, grid placement, `depth` masked 2D-Mamba layers, LayerNorm, attention pooling, head."""
+
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 512, depth: int = 2, d_state: int = 16,
+                 expand: int = 1, attn_dim: int = 128, dropout: float = 0.25, backend: str = "auto"):
+        super().__init__()
+        self.in_dim = in_dim
+        self.embed = projection(in_dim, dim, dropout)
+        self.layers = nn.ModuleList(Mamba2DLayer(dim, d_state, expand, backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.pool = AttentionPooling(dim, attn_dim, gated=True, dropout=dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)
+        with torch.no_grad():
+            grid = patch_grid(coords, features.shape[0])
+        per_cell = h.new_zeros(grid.cells.numel(), h.shape[1]).index_add(0, grid.inverse, h)
+        per_cell = per_cell / grid.counts.unsqueeze(1).to(h.dtype)
+        canvas = h.new_zeros(grid.height * grid.width, h.shape[1]).index_copy(0, grid.cells, per_cell)
+        mask = torch.zeros(grid.height * grid.width, dtype=torch.bool, device=h.device)
+        mask[grid.cells] = True
+        x = canvas.view(1, grid.height, grid.width, -1)
+        mask = mask.view(1, grid.height, grid.width)
+        for layer in self.layers:
+            x = layer(x, mask)
+        tokens = self.norm(x.reshape(grid.height * grid.width, -1)[grid.cells])
+        pooled, weights = self.pool(tokens)
+        scores = weights[grid.inverse] / grid.counts[grid.inverse].to(weights.dtype)
+        return MILOutput(logits=self.head(pooled), scores=scores)
+
+
+@register_model("mamba2d")
+def mamba2d(in_dim: int, num_classes: int, **kwargs) -> Mamba2DMIL:
+    """2DMamba-MIL on each slide's own coordinate grid."""
+    return Mamba2DMIL(in_dim, num_classes, **kwargs)

@@ -1,0 +1,275 @@
+"""Pieces the 1D and 2D Triton scans share: Δ activation, the linear-recurrence combine, and the two
+"carry" kernels that let every tile of a long sequence run in parallel.
+
+A diagonal linear recurrence `h[t] = a[t] h[t-1] + x[t]` with `a[t] = exp(Δ[t] A)` has a cheap
+summary over any stretch of positions: the decay over the stretch is `exp(A ΣΔ)` (one exponential per
+state, not per position) and the state it leaves behind from a zero start is
+`Σ_s exp(A (ΣΔ after s)) x[s]`. `agg_kernel` computes those summaries (one exponential per element,
+no scan), `combine_kernel` chains them across stretches with an associative scan, and the main
+kernels then start every tile from its exact entering state. The same two kernels serve the adjoint
+(right-to-left) recurrence of the backward passes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mambascope.errors import ConfigError
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (`TRITON_INTERPRET=1`), where CPU tensors are allowed."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(u: torch.Tensor) -> None:
+    """The kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    if not (u.is_cuda or interpreting()):
+        raise ConfigError(
+            "the triton scan backend needs CUDA tensors",
+            hint="move the inputs to a GPU, set TRITON_INTERPRET=1 for the (slow) CPU interpreter, "
+            "or use backend 'torch'",
+        )
+
+
+def as_f32(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel or per-state parameter as a contiguous float32 tensor (a dummy when absent)."""
+    if t is None:
+        return torch.empty(1, device=like.device, dtype=torch.float32)
+    return t.detach().to(torch.float32).contiguous()
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def largest_pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap (channel blocks never straddle a
+    B/C group)."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+@triton.jit
+def lin_combine(a1, b1, a2, b2):
+    """Compose two steps of `h -> a h + b`: first (a1, b1), then (a2, b2)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def delta_act(raw, bias, SOFTPLUS: tl.constexpr):
+    """Δ = softplus(delta + bias) (torch's threshold of 20), or delta + bias."""
+    x = raw + bias
+    if SOFTPLUS:
+        e = tl.exp(tl.minimum(x, 20.0))
+        x = tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
+    return x
+
+
+@triton.jit
+def delta_act_grad(raw, bias, SOFTPLUS: tl.constexpr):
+    """dΔ/d(delta) for `delta_act`."""
+    x = raw + bias
+    g = tl.where(x > 20.0, 1.0, tl.sigmoid(x)) if SOFTPLUS else tl.full(x.shape, 1.0, tl.float32)
+    return g
+
+
+@triton.jit
+def _next_combine(f1, s1, c1, f2, s2, c2):
+    """Monoid of (first, second, count) over a run of positions; in a reverse scan the right part
+    comes first (f1, s1, c1) and the part prepended to it second."""
+    return f2, tl.where(c2 >= 2, s2, f1), tl.minimum(c1 + c2, 2)
+
+
+@triton.jit
+def shift_next(x, AXIS: tl.constexpr):
+    """x[t+1] at position t along AXIS (the last position keeps x[t]); in registers, no memory."""
+    cnt = tl.full(x.shape, 1, tl.int32)
+    _, nxt, _ = tl.associative_scan((x, x, cnt), axis=AXIS, combine_fn=_next_combine, reverse=True)
+    return nxt
+
+
+@triton.jit(do_not_specialize=["one"])
+def agg_kernel(
+    v_ptr, dl_ptr, z_ptr, coef_ptr, A_ptr, bias_ptr, mask_ptr,
+    S_ptr, agg_ptr, tile_ptr,
+    DIM, dpg, G, Lseq, LS, R_rows, seg_len, n_seg, n_tiles_seq, one,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_MASK: tl.constexpr, SAVE_TILE: tl.constexpr,
+):
+    """Summaries (ΣΔ, zero-start state) of one segment of one sequence for BD channels.
+
+    A sequence is row `r` of channel `d` in batch `b`: Lseq positions with row stride LS (1D:
+    R_rows = 1; 2D rows: R_rows = H). Forward (REVERSE False): drive `Δ u B`, the state left at the
+    segment's end, summed over tiles from the end so each weight is one exponential of the Δ summed
+    after the position. Adjoint (REVERSE True): drive `dout silu(z) C`, the carry `a[first] g[first]`
+    passed left. With SAVE_TILE the tiles go left to right and the state entering every tile is
+    stored too (the 2D row carries). Layout as in the main kernels: (T, BD) tiles, one channel a
+    thread, states unrolled.
+    """
+    pid_d = tl.program_id(0)
+    pid_rs = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    r = pid_rs // n_seg
+    s = pid_rs % n_seg
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    g = d0 // dpg
+    nidx = tl.arange(0, NP)[:, None]
+    nmask = nidx < N
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
+    seq = (pid_b * DIM + offs_d) * R_rows + r  # (BD,)
+    zero_d = (offs_d * 0)[None, :]
+    cbase = ((pid_b * G + g) * N * R_rows + r) * LS
+    tr = tl.arange(0, T)
+    H = tl.zeros((NP, BD), dtype=tl.float32)
+    run = tl.zeros((1, BD), dtype=tl.float32)  # Δ summed over the tiles already visited
+    t_lo = s * seg_len
+    n_t = tl.cdiv(tl.minimum(seg_len, Lseq - t_lo), T)
+    for k in range(n_t):
+        kk = k if REVERSE or SAVE_TILE else n_t - 1 - k
+        t0 = t_lo + kk * T
+        offs_t = t0 + tr
+        tm = (offs_t < Lseq)[:, None]
+        if SAVE_TILE:
+            tl.store(tile_ptr + (seq[None, :] * n_tiles_seq + t0 // T) * N + nidx * one, H, mask=nmask)
+        xoff = seq[None, :] * LS + offs_t[:, None]
+        raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        valid = tm
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + (pid_b * R_rows + r) * LS + offs_t[:, None] + zero_d, mask=tm, other=0)
+            valid = valid & (mk != 0)
+        dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
+        v = tl.load(v_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        if REVERSE:
+            if HAS_Z:
+                zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+                v = v * zz * tl.sigmoid(zz)
+        else:
+            v = dt * v
+        cs = tl.cumsum(dt, axis=0)
+        tot = tl.sum(dt, axis=0)[None, :]
+        if REVERSE:
+            e = run + cs
+        elif SAVE_TILE:
+            e = tot - cs
+        else:
+            e = run + (tot - cs)
+        for n in tl.static_range(N):
+            sel = nidx == n
+            An = tl.sum(tl.where(sel, A2, 0.0), axis=0)[None, :]
+            cf = tl.load(coef_ptr + cbase + n * R_rows * LS + offs_t[:, None] + zero_d, mask=tm, other=0.0)
+            contrib = tl.sum(tl.exp2(An * e) * v * cf.to(tl.float32), axis=0)[None, :]
+            if SAVE_TILE:
+                Hn = tl.sum(tl.where(sel, H, 0.0), axis=0)[None, :]
+                H = tl.where(sel, tl.exp2(An * tot) * Hn + contrib, H)
+            else:
+                H = tl.where(sel, H + contrib, H)
+        run += tot
+    sidx = seq * n_seg + s
+    tl.store(S_ptr + sidx[None, :], run)
+    tl.store(agg_ptr + sidx[None, :] * N + nidx * one, H, mask=nmask)
+
+
+@triton.jit
+def combine_kernel(
+    S_ptr, agg_ptr, A_ptr, init_ptr, out_ptr,
+    P, R_rows, DIM, n_seg,
+    N: tl.constexpr, NP: tl.constexpr, BP: tl.constexpr, SC: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, CHANNEL_LAST: tl.constexpr,
+):
+    """Chain segment summaries into the state entering every segment of every sequence.
+
+    Sequence p = (b*DIM + d)*R_rows + r; summaries S (P, n_seg), agg (P, n_seg, N). Segments are
+    taken SC at a time and chained inside a chunk with an associative scan, so a sequence of many
+    segments costs n_seg / SC dependent steps. REVERSE chains right to left (the adjoint). Output
+    (P, n_seg, N), or with CHANNEL_LAST (batch, n_seg, N, DIM) (1D only: coalesced per-state loads
+    for the main kernels); the final state (P, N) follows the P*n_seg*N entries.
+    """
+    pid = tl.program_id(0)
+    offs_p = (pid * BP + tl.arange(0, BP)).to(tl.int64)
+    pm = offs_p < P
+    d = (offs_p // R_rows) % DIM
+    bb = offs_p // (R_rows * DIM)
+    offs_n = tl.arange(0, NP)
+    nm = offs_n < N
+    pn = pm[:, None] & nm[None, :]
+    A2 = tl.load(A_ptr + d[:, None] * N + offs_n[None, :], mask=pn, other=0.0) * 1.4426950408889634
+    if HAS_INIT:
+        H = tl.load(init_ptr + offs_p[:, None] * N + offs_n[None, :], mask=pn, other=0.0)
+    else:
+        H = tl.zeros((BP, NP), dtype=tl.float32)
+    offs_c = tl.arange(0, SC)
+    last = offs_c == (SC - 1)
+    first = offs_c == 0
+    n_chunks = tl.cdiv(n_seg, SC)
+    for k in range(n_chunks):
+        c0 = n_seg - (k + 1) * SC if REVERSE else k * SC
+        segs = c0 + offs_c
+        sm = (segs >= 0) & (segs < n_seg)
+        idx = offs_p[:, None] * n_seg + segs[None, :]  # (BP, SC)
+        m2 = pm[:, None] & sm[None, :]
+        S = tl.load(S_ptr + idx, mask=m2, other=0.0)
+        m3 = m2[:, None, :] & nm[None, :, None]
+        ag = tl.load(agg_ptr + idx[:, None, :] * N + offs_n[None, :, None], mask=m3, other=0.0)
+        dec = tl.exp2(A2[:, :, None] * S[:, None, :])
+        ap, bp = tl.associative_scan((dec, ag), axis=2, combine_fn=lin_combine, reverse=REVERSE)
+        states = ap * H[:, :, None] + bp  # inclusive: the state after each segment
+        if REVERSE:
+            target = segs - 1
+            ok = m3 & (target >= 0)[None, None, :]
+            H = tl.sum(tl.where(first[None, None, :], states, 0.0), axis=2)
+        else:
+            target = segs + 1
+            ok = m3 & (target < n_seg)[None, None, :]
+            H = tl.sum(tl.where(last[None, None, :], states, 0.0), axis=2)
+        if CHANNEL_LAST:
+            oidx = ((bb[:, None, None] * n_seg + target[None, None, :]) * N + offs_n[None, :, None]) * DIM + d[:, None, None]
+        else:
+            oidx = (offs_p[:, None, None] * n_seg + target[None, None, :]) * N + offs_n[None, :, None]
+        tl.store(out_ptr + oidx, states, mask=ok)
+    # the sequence's first segment (last, when REVERSE) enters with the initial state
+    if HAS_INIT:
+        H0 = tl.load(init_ptr + offs_p[:, None] * N + offs_n[None, :], mask=pn, other=0.0)
+    else:
+        H0 = tl.zeros((BP, NP), dtype=tl.float32)
+    edge = n_seg - 1 if REVERSE else 0
+    if CHANNEL_LAST:
+        eidx = ((bb[:, None] * n_seg + edge) * N + offs_n[None, :]) * DIM + d[:, None]
+    else:
+        eidx = (offs_p[:, None] * n_seg + edge) * N + offs_n[None, :]
+    tl.store(out_ptr + eidx, H0, mask=pn)
+    tl.store(out_ptr + P * n_seg * N + offs_p[:, None] * N + offs_n[None, :], H, mask=pn)
+
+
+def chain_segments(
+    S: torch.Tensor, agg: torch.Tensor, A32: torch.Tensor, rows_per_channel: int, dim: int,
+    reverse: bool, init: torch.Tensor | None = None, channel_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entering state of every segment, final state (P, N)) from the summaries S (P, n_seg) and
+    agg (P, n_seg, N); the entering states are (P, n_seg, N), or (batch, n_seg, N, dim) with
+    channel_last."""
+    P, n_seg, N = agg.shape
+    buf = torch.empty(P * n_seg * N + P * N, device=agg.device, dtype=torch.float32)
+    NP = pow2(N)
+    SC = min(32, pow2(n_seg))
+    BP = max(1, min(8, 2048 // (NP * SC)))
+    combine_kernel[(triton.cdiv(P, BP),)](
+        S, agg, A32, init if init is not None else S, buf,
+        P, rows_per_channel, dim, n_seg,
+        N=N, NP=NP, BP=BP, SC=SC, REVERSE=reverse, HAS_INIT=init is not None, CHANNEL_LAST=channel_last,
+        num_warps=4,
+    )
+    entering = buf[: P * n_seg * N]
+    entering = entering.view(P // dim, n_seg, N, dim) if channel_last else entering.view(P, n_seg, N)
+    return entering, buf[P * n_seg * N:].view(P, N)

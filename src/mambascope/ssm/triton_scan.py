@@ -1,0 +1,398 @@
+"""The 1D selective scan as Triton kernels (the `triton` backend of `selective_scan`).
+
+Layout: one thread per channel, a tile of T positions per thread (one 16-byte load: 8 bf16/fp16 or 4
+fp32 values), states unrolled. The scan along the tile and the sum over states then run in registers:
+no shuffles, no shared memory.
+
+Forward: the sequence is cut into segments so that batch 1 still fills the GPU; `agg_kernel`
+summarises the segments (ΣΔ and the state each leaves from a zero start), `chain_segments` turns the
+summaries into each segment's entering state, and `_fwd_kernel` walks its segment tile by tile:
+exponentials, the in-thread scan from the carried state, C·h, D skip, z gate. B and C are loaded once
+per tile for the whole block of channels. With SAVE it stores the state entering every tile
+((batch, tiles, N, dim) float32) for the backward.
+
+Backward: the adjoint carry entering every tile from the right comes from the same summary + chain
+kernels run right to left on `dout silu(z) C` (with the last state's gradient as the initial carry).
+`_bwd_kernel` handles one tile for BD channels: it recomputes the tile's states, runs the adjoint scan
+`g[t] = c[t] + a[t+1] g[t+1]`, forms every gradient and writes the block's partial dB/dC (summed over
+its channels across the warp); the host sums the partials — deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mambascope.ssm.triton_common import (
+    agg_kernel,
+    as_f32,
+    chain_segments,
+    check_device,
+    delta_act,
+    delta_act_grad,
+    interpreting,
+    largest_pow2_divisor,
+    lin_combine,
+    pow2,
+    shift_next,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan1DConfig:
+    """Tile sizes. T: positions per tile (0: one 16-byte load per thread, 8 for 16-bit inputs, 4 for
+    float32; also the spacing of the states saved for the backward); BD: channels per forward
+    program (one a thread, warps = BD / 32); programs: forward programs wanted (the sequence is cut
+    into segments until there are this many); BD_BWD: channels per backward program."""
+
+    T: int = 0
+    BD: int = 32
+    programs: int = 2048
+    warps: int = 1
+    BD_BWD: int = 32
+    warps_bwd: int = 1
+
+
+def default_config(batch: int, dim: int, L: int, n_state: int) -> Scan1DConfig:
+    """Measured on an H100 (benchmarks/NOTES_scan.md): few channels (batch 1 WSI bags) run best as
+    one-warp programs over ~2048 long segments; many batches x channels as 4-warp programs over
+    more, shorter segments."""
+    if interpreting():
+        return Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
+    if batch * dim >= 16384:
+        return Scan1DConfig(BD=128, programs=8192, warps=4)
+    return Scan1DConfig()
+
+
+@triton.jit(do_not_specialize=["one"])
+def _fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, carry_ptr, hs_ptr, last_ptr,
+    DIM, dpg, G, L, LS, seg_len, n_seg, n_tiles, one,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_CARRY: tl.constexpr, SAVE: tl.constexpr, WRITE_LAST: tl.constexpr,
+):
+    # Tiles are (T, BD): each thread owns whole channels and the T positions of a tile (one 16-byte
+    # load), so the scan along T runs inside the thread and the sum over states is a register sum.
+    # States are unrolled (static loop over n); the per-channel state vector is an (NP, BD) tensor
+    # whose NP values also live in the owning thread. `one` (== 1, never specialised) hides the
+    # contiguity of n from the compiler so those small loads keep that layout.
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    g = d0 // dpg
+    nidx = tl.arange(0, NP)[:, None]
+    nmask = nidx < N
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d)[None, :]
+    seq = pid_b * DIM + offs_d
+    state_off = seq[None, :] * N + nidx * one  # (NP, BD) offsets of (seq, n)
+    if HAS_CARRY:
+        H = tl.load(carry_ptr + ((pid_b * n_seg + pid_s) * N + nidx) * DIM + offs_d[None, :] * one, mask=nmask, other=0.0)
+    else:
+        H = tl.zeros((NP, BD), dtype=tl.float32)
+    tr = tl.arange(0, T)
+    first = (tr == 0)[:, None]
+    lastr = (tr == T - 1)[:, None]
+    zero_d = (offs_d * 0)[None, :]
+    bc_base = (pid_b * G + g) * N * LS
+    t_lo = pid_s * seg_len
+    n_t = tl.cdiv(tl.minimum(seg_len, L - t_lo), T)
+    for k in range(n_t):
+        t0 = t_lo + k * T
+        offs_t = t0 + tr
+        tm = (offs_t < L)[:, None]
+        if SAVE:
+            tl.store(hs_ptr + ((pid_b * n_tiles + t0 // T) * N + nidx) * DIM + offs_d[None, :] * one, H, mask=nmask)
+        xoff = seq[None, :] * LS + offs_t[:, None]
+        raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
+        dtu = dt * u
+        y = tl.zeros((T, BD), dtype=tl.float32)
+        bc_off = bc_base + offs_t[:, None] + zero_d
+        for n in tl.static_range(N):
+            sel = nidx == n
+            An = tl.sum(tl.where(sel, A2, 0.0), axis=0)[None, :]
+            Hn = tl.sum(tl.where(sel, H, 0.0), axis=0)[None, :]
+            Bn = tl.load(B_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+            Cn = tl.load(C_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+            a = tl.exp2(dt * An)
+            x = dtu * Bn + tl.where(first, a * Hn, 0.0)
+            _, h = tl.associative_scan((a, x), axis=0, combine_fn=lin_combine)
+            y += Cn * h
+            H = tl.where(sel, tl.sum(tl.where(lastr, h, 0.0), axis=0)[None, :], H)
+        if HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_ptr + xoff, y, mask=tm)
+    if WRITE_LAST:
+        tl.store(last_ptr + state_off, H, mask=nmask & (pid_s == n_seg - 1))
+
+
+@triton.jit(do_not_specialize=["one"])
+def _bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
+    hs_ptr, wc_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr,
+    DIM, dpg, G, L, LS, n_tiles, n_dblk, one,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    # One tile of T positions for BD channels, same layout as the forward (states in a plain loop, to
+    # keep registers low; nothing per state is carried between iterations). Per state n: the forward
+    # scan from the stored entering state, the adjoint scan `g[t] = c[t] + a[t+1] g[t+1]` from the
+    # stored carry, then the gradients; dB and dC are summed over the BD channels (a reduction across
+    # the warp's lanes) and written as this channel block's partial.
+    pid_d = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    g = d0 // dpg
+    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
+    seq = pid_b * DIM + offs_d
+    tr = tl.arange(0, T)
+    first = (tr == 0)[:, None]
+    lastr = (tr == T - 1)[:, None]
+    zero_d = (offs_d * 0)[None, :]
+    t0 = pid_t * T
+    offs_t = t0 + tr
+    tm = (offs_t < L)[:, None]
+    xoff = seq[None, :] * LS + offs_t[:, None]
+    raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+    dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
+    dt_next = shift_next(dt, 0)
+    u = tl.load(u_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zz)
+        dy = dout * zz * sz
+    else:
+        dy = dout
+    dtu = dt * u
+    sidx = (pid_b * n_tiles + pid_t) * N * DIM + (offs_d * one)[None, :]  # + n*DIM: (batch, tile, N, DIM)
+    pidx = (pid_b * n_tiles + pid_t) * DIM + offs_d
+    y = tl.zeros((T, BD), dtype=tl.float32)
+    gB = tl.zeros((T, BD), dtype=tl.float32)
+    qA = tl.zeros((T, BD), dtype=tl.float32)
+    bc_off = (pid_b * G + g) * N * LS + offs_t[:, None] + zero_d
+    p_off = ((pid_b * n_dblk + pid_d) * N) * LS + offs_t
+    for n in range(N):
+        An = tl.load(A_ptr + offs_d * N + n)[None, :]
+        A2n = An * 1.4426950408889634
+        Hn = tl.load(hs_ptr + sidx + n * DIM)
+        Wn = tl.load(wc_ptr + sidx + n * DIM)
+        Bn = tl.load(B_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+        Cn = tl.load(C_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+        a = tl.exp2(dt * A2n)
+        x = dtu * Bn
+        _, h = tl.associative_scan((a, x + tl.where(first, a * Hn, 0.0)), axis=0, combine_fn=lin_combine)
+        y += Cn * h
+        a_next = tl.where(lastr, 0.0, tl.exp2(dt_next * A2n))
+        c = dy * Cn + tl.where(lastr, Wn, 0.0)
+        _, gg = tl.associative_scan((a_next, c), axis=0, combine_fn=lin_combine, reverse=True)
+        q = gg * (h - x)
+        gB += gg * Bn
+        qA += q * An
+        tl.store(dAp_ptr + sidx + n * DIM, tl.sum(q * dt, axis=0)[None, :])
+        tl.store(dBp_ptr + p_off + n * LS, tl.sum(gg * dtu, axis=1), mask=offs_t < L)
+        tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
+    du = dt * gB
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d)[None, :]
+        du += Dv * dy
+        y += Dv * u
+        tl.store(dDp_ptr + pidx[None, :], tl.sum(dy * u, axis=0)[None, :])
+    if HAS_Z:
+        tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=tm)
+    ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
+    if HAS_BIAS:
+        tl.store(dbp_ptr + pidx[None, :], tl.sum(ddt, axis=0)[None, :])
+    tl.store(du_ptr + xoff, du, mask=tm)
+    tl.store(ddl_ptr + xoff, ddt, mask=tm)
+
+
+def _padded(t: Tensor | None, LS: int) -> Tensor | None:
+    """Contiguous, with the last axis padded to LS (the kernels' row stride, a multiple of 16 so
+    that every thread's tile is one aligned vector load)."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.shape[-1] == LS else torch.nn.functional.pad(t, (0, LS - t.shape[-1]))
+
+
+def _tile(u: Tensor, cfg: Scan1DConfig) -> int:
+    return cfg.T or max(1, 16 // u.element_size())
+
+
+def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L, cfg):
+    batch, dim, LS = u.shape
+    G, N = Bg.shape[1], A32.shape[1]
+    dpg = dim // G
+    BD = largest_pow2_divisor(dpg, cfg.BD)
+    T = _tile(u, cfg)
+    n_tiles = triton.cdiv(L, T)
+    n_dblk = dim // BD
+    n_seg = max(1, min(n_tiles, math.ceil(cfg.programs / (batch * n_dblk))))
+    seg_tiles = triton.cdiv(n_tiles, n_seg)
+    n_seg = triton.cdiv(n_tiles, seg_tiles)
+    seg_len = seg_tiles * T
+    NP = pow2(N)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus)
+    dummy = A32
+    carry = dummy
+    if n_seg > 1:
+        S = torch.empty(batch * dim, n_seg, **f32)
+        agg = torch.empty(batch * dim, n_seg, N, **f32)
+        agg_kernel[(n_dblk, n_seg, batch)](
+            u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy, dummy,
+            S, agg, dummy,
+            dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1,
+            N=N, NP=NP, BD=BD, T=T, REVERSE=False, HAS_MASK=False, SAVE_TILE=False, **flags,
+            num_warps=cfg.warps,
+        )
+        carry, _ = chain_segments(S, agg, A32, 1, dim, reverse=False, channel_last=True)
+    out = torch.empty_like(u)
+    hs = torch.empty(batch, n_tiles, N, dim, **f32) if save else dummy
+    last = torch.empty(batch, dim, N, **f32) if want_last else dummy
+    _fwd_kernel[(n_dblk, n_seg, batch)](
+        u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, z if z is not None else dummy,
+        bias32 if bias32 is not None else dummy,
+        out, carry, hs, last,
+        dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, 1,
+        N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, HAS_CARRY=n_seg > 1, SAVE=save,
+        WRITE_LAST=want_last, **flags,
+        num_warps=cfg.warps,
+    )
+    return out, (last if want_last else None), (hs if save else None)
+
+
+def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, L, cfg):
+    batch, dim, LS = u.shape
+    G, N = Bg.shape[1], A32.shape[1]
+    dpg = dim // G
+    T = _tile(u, cfg)
+    n_tiles = triton.cdiv(L, T)
+    NP = pow2(N)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus)
+    dummy = A32
+    zt = z if z is not None else dummy
+    bt = bias32 if bias32 is not None else dummy
+    # the adjoint carry entering every tile from the right: per-tile summaries, chained
+    BDa = largest_pow2_divisor(dpg, cfg.BD)
+    S = torch.empty(batch * dim, n_tiles, **f32)
+    agg = torch.empty(batch * dim, n_tiles, N, **f32)
+    agg_kernel[(dim // BDa, n_tiles, batch)](
+        dout, delta, zt, Cg, A32, bt, dummy,
+        S, agg, dummy,
+        dim, dpg, G, L, LS, 1, T, n_tiles, n_tiles, 1,
+        N=N, NP=NP, BD=BDa, T=T, REVERSE=True, HAS_MASK=False, SAVE_TILE=False, **flags,
+        num_warps=cfg.warps,
+    )
+    init = None if dlast is None else dlast.to(torch.float32).reshape(batch * dim, N).contiguous()
+    wc, _ = chain_segments(S, agg, A32, 1, dim, reverse=True, init=init, channel_last=True)
+    del S, agg
+    BD = largest_pow2_divisor(dpg, cfg.BD_BWD)
+    n_dblk = dim // BD
+    du = torch.empty_like(u)
+    ddl = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else dummy
+    dBp = torch.empty(batch, n_dblk, N, LS, **f32)
+    dCp = torch.empty(batch, n_dblk, N, LS, **f32)
+    dAp = torch.empty(batch * n_tiles, N, dim, **f32)
+    dDp = torch.empty(batch * n_tiles, dim, **f32) if D32 is not None else dummy
+    dbp = torch.empty(batch * n_tiles, dim, **f32) if bias32 is not None else dummy
+    _bwd_kernel[(n_dblk, n_tiles, batch)](
+        u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, dout,
+        hs, wc,
+        du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
+        dim, dpg, G, L, LS, n_tiles, n_dblk, 1,
+        N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, **flags,
+        num_warps=cfg.warps_bwd,
+    )
+    per_group = n_dblk // G
+    dB = dBp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
+    dC = dCp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
+    return (
+        du[..., :L], ddl[..., :L], dAp.sum(0).t(), dB, dC,
+        dDp.sum(0) if D32 is not None else None,
+        dz[..., :L] if z is not None else None,
+        dbp.sum(0) if bias32 is not None else None,
+    )
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, cfg):
+        L = u.shape[-1]
+        LS = triton.cdiv(L, 16) * 16
+        uc, dc, zc = _padded(u, LS), _padded(delta, LS), _padded(z, LS)
+        Bg = _padded(B.unsqueeze(1) if B.dim() == u.dim() else B, LS)
+        Cg = _padded(C.unsqueeze(1) if C.dim() == u.dim() else C, LS)
+        A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
+        b32 = as_f32(delta_bias, u) if delta_bias is not None else None
+        cfg = cfg or default_config(u.shape[0], u.shape[1], L, A.shape[1])
+        save = any(ctx.needs_input_grad[:8])
+        out, last, hs = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, save, return_last_state, L, cfg)
+        if save:
+            ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, hs)
+            ctx.meta = (delta_softplus, cfg, L, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
+                                                                           for t in (A, B, C, D, delta_bias)))
+        out = out[..., :L]
+        if return_last_state:
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        uc, dc, A32, Bg, Cg, D32, zc, b32, hs = ctx.saved_tensors
+        softplus, cfg, L, was_grouped, dtypes = ctx.meta
+        dlast = rest[0] if rest else None
+        du, ddl, dA, dB, dC, dD, dz, db = _backward(
+            _padded(dout, uc.shape[-1]), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, cfg,
+        )
+        if not was_grouped:
+            dB, dC = dB[:, 0], dC[:, 0]
+        tA, tB, tC, tD, tbias = dtypes
+        return (
+            du, ddl, dA.to(tA), dB.to(tB), dC.to(tC),
+            dD.to(tD) if dD is not None else None,
+            dz,
+            db.to(tbias) if db is not None else None,
+            None, None, None,
+        )
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    config: Scan1DConfig | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`selective_scan` on the Triton kernels: same arguments, results and gradients as the reference
+    (float32 state and accumulation; out in u's dtype; last state in float32)."""
+    check_device(u)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config)

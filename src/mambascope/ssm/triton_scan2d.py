@@ -1,0 +1,440 @@
+"""The 2DMamba grid scan as Triton kernels (the `triton` backend of `selective_scan_2d`).
+
+Recurrence per channel and state: row pass `r[i,j] = a[i,j] r[i,j-1] + Δ B u`, column pass
+`h[i,j] = a[i,j] h[i-1,j] + r[i,j]`, `a = exp(Δ A)`, `y = C·h + D u`, z gate; masked cells have Δ = 0.
+
+Forward, two launches:
+1. `agg_kernel` walks every row in blocks of WB columns and stores the row state entering each
+   column block (one exponential per element, no scan).
+2. `_fwd_kernel`: one program per (batch, BD channels, column block) walks the rows top to bottom,
+   scans its row segment from the stored carry, and keeps the column state of its WB columns in
+   registers. Every R rows it stores that column state (N/R of the input, float32) for the backward.
+
+Backward, three launches plus a small chain:
+1. `_vrev_kernel` walks rows bottom to top per column block, running the adjoint of the column pass
+   `gh[i] = c[i] + a[i+1] gh[i+1]` (c = dy C); it stores the column adjoint every R rows and, per
+   row and column block, the summary of the row adjoint, which `chain_segments` turns into the
+   row-adjoint carry entering each column block from the right.
+2. `_bwd_kernel`: one program per (R rows × WB columns tile, CH channels); with all four carries
+   (left, top, bottom, right) known it recomputes r and h in the tile, runs both adjoint scans and
+   forms every gradient. B and C are loaded once per tile and dB, dC are summed over the CH channels
+   in registers: shared B/C get exact gradients from a deterministic sum of partials, no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mambascope.ssm.triton_common import (
+    agg_kernel,
+    as_f32,
+    chain_segments,
+    check_device,
+    delta_act,
+    delta_act_grad,
+    interpreting,
+    largest_pow2_divisor,
+    lin_combine,
+    pow2,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan2DConfig:
+    """WB: columns per tile; BD: channels per forward program; R: rows per backward tile (and the
+    spacing of saved column states); CH: channels per backward program."""
+
+    WB: int = 32
+    BD: int = 2
+    warps: int = 2
+    R: int = 4
+    CH: int = 16
+    warps_bwd: int = 8
+
+
+def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2DConfig:
+    if interpreting():
+        return Scan2DConfig(WB=4, BD=2, warps=1, R=2, CH=2, warps_bwd=1)
+    return Scan2DConfig()
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, hrl_ptr,
+    out_ptr, htop_ptr,
+    DIM, dpg, G, H, W, n_cb, n_rb,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr, R: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    cb = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    g = d0 // dpg
+    offs_n = tl.arange(0, NP)
+    nm = offs_n < N
+    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=nm[None, :], other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d)[:, None] if HAS_BIAS else 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d)[:, None]
+    cols = cb * WB + tl.arange(0, WB)
+    cm = cols < W
+    seq = pid_b * DIM + offs_d
+    bc_base = ((pid_b * G + g) * N + offs_n[:, None]) * H * W + cols[None, :]
+    bc_mask = nm[:, None] & cm[None, :]
+    V = tl.zeros((BD, NP, WB), dtype=tl.float32)
+    for i in range(H):
+        if SAVE:
+            sptr = htop_ptr + ((seq[:, None, None] * n_rb + i // R) * N + offs_n[None, :, None]) * W + cols[None, None, :]
+            tl.store(sptr, V, mask=nm[None, :, None] & cm[None, None, :] & (i % R == 0))
+        xoff = (seq[:, None] * H + i) * W + cols[None, :]
+        valid = cm
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + (pid_b * H + i) * W + cols, mask=cm, other=0)
+            valid = valid & (mk != 0)
+        raw = tl.load(dl_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+        dt = tl.where(valid[None, :], delta_act(raw, bias, SOFTPLUS), 0.0)
+        Bt = tl.load(B_ptr + bc_base + i * W, mask=bc_mask, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_base + i * W, mask=bc_mask, other=0.0).to(tl.float32)
+        dA = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        Hl = tl.load(hrl_ptr + ((seq[:, None] * H + i) * n_cb + cb) * N + offs_n[None, :], mask=nm[None, :], other=0.0)
+        ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
+        V = dA * V + ap * Hl[:, :, None] + bp
+        y = tl.sum(Ct[None, :, :] * V, axis=1)
+        if HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_ptr + xoff, y, mask=cm[None, :])
+
+
+@triton.jit
+def _vrev_kernel(
+    dout_ptr, dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, mask_ptr,
+    gbot_ptr, S_ptr, agg_ptr,
+    DIM, dpg, G, H, W, n_cb, n_rb,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr, R: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    cb = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    g = d0 // dpg
+    offs_n = tl.arange(0, NP)
+    nm = offs_n < N
+    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=nm[None, :], other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d)[:, None] if HAS_BIAS else 0.0
+    cols = cb * WB + tl.arange(0, WB)
+    cm = cols < W
+    seq = pid_b * DIM + offs_d
+    bc_base = ((pid_b * G + g) * N + offs_n[:, None]) * H * W + cols[None, :]
+    bc_mask = nm[:, None] & cm[None, :]
+    Wv = tl.zeros((BD, NP, WB), dtype=tl.float32)
+    for k in range(H):
+        i = H - 1 - k
+        block_end = (i % R == R - 1) | (i == H - 1)
+        gptr = gbot_ptr + ((seq[:, None, None] * n_rb + i // R) * N + offs_n[None, :, None]) * W + cols[None, None, :]
+        tl.store(gptr, Wv, mask=nm[None, :, None] & cm[None, None, :] & block_end)
+        xoff = (seq[:, None] * H + i) * W + cols[None, :]
+        valid = cm
+        if HAS_MASK:
+            mk = tl.load(mask_ptr + (pid_b * H + i) * W + cols, mask=cm, other=0)
+            valid = valid & (mk != 0)
+        raw = tl.load(dl_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+        dt = tl.where(valid[None, :], delta_act(raw, bias, SOFTPLUS), 0.0)
+        dy = tl.load(dout_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        Ct = tl.load(C_ptr + bc_base + i * W, mask=bc_mask, other=0.0).to(tl.float32)
+        gh = dy[:, None, :] * Ct[None, :, :] + Wv
+        Wv = tl.exp2(dt[:, None, :] * A2[:, :, None]) * gh
+        cs = tl.cumsum(dt, axis=1)
+        wagg = tl.sum(tl.exp2(A2[:, :, None] * cs[:, None, :]) * gh, axis=2)
+        row = seq * H + i
+        tl.store(S_ptr + row * n_cb + cb, tl.sum(dt, axis=1))
+        tl.store(agg_ptr + (row[:, None] * n_cb + cb) * N + offs_n[None, :], wagg, mask=nm[None, :])
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, dout_ptr,
+    hrl_ptr, htop_ptr, gbot_ptr, ghr_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr,
+    DIM, dpg, G, H, W, n_cb, n_rb, n_chblk,
+    N: tl.constexpr, NP: tl.constexpr, WB: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rb = pid_t // n_cb
+    cb = pid_t % n_cb
+    rows = rb * R + tl.arange(0, R)
+    cols = cb * WB + tl.arange(0, WB)
+    rm = rows < H
+    cm = cols < W
+    inside = rm[:, None] & cm[None, :]
+    down_in = (rows + 1 < H)[:, None] & cm[None, :]
+    right_in = rm[:, None] & (cols + 1 < W)[None, :]
+    cell = rows[:, None] * W + cols[None, :]
+    valid = inside
+    valid_dn = down_in
+    valid_rt = right_in
+    if HAS_MASK:
+        mbase = mask_ptr + pid_b * H * W + cell
+        valid = valid & (tl.load(mbase, mask=inside, other=0) != 0)
+        valid_dn = valid_dn & (tl.load(mbase + W, mask=down_in, other=0) != 0)
+        valid_rt = valid_rt & (tl.load(mbase + 1, mask=right_in, other=0) != 0)
+    offs_n = tl.arange(0, NP)
+    nm = offs_n < N
+    g = (pid_c * CH) // dpg
+    bc_off = ((pid_b * G + g) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
+    bc_mask = nm[:, None, None] & inside[None, :, :]
+    Bt = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
+    dB_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
+    dC_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
+    last_row = (tl.arange(0, R) == R - 1)[None, :, None]
+    last_col = (tl.arange(0, WB) == WB - 1)[None, None, :]
+    n_tiles = n_rb * n_cb
+    for dd in range(CH):
+        d = pid_c * CH + dd
+        An = tl.load(A_ptr + d * N + offs_n, mask=nm, other=0.0)
+        A2 = (An * 1.4426950408889634)[:, None, None]
+        bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
+        seq = pid_b * DIM + d
+        xoff = seq * H * W + cell
+        raw = tl.load(dl_ptr + xoff, mask=inside, other=0.0).to(tl.float32)
+        dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
+        raw_dn = tl.load(dl_ptr + xoff + W, mask=down_in, other=0.0).to(tl.float32)
+        dt_dn = tl.where(valid_dn, delta_act(raw_dn, bias, SOFTPLUS), 0.0)
+        raw_rt = tl.load(dl_ptr + xoff + 1, mask=right_in, other=0.0).to(tl.float32)
+        dt_rt = tl.where(valid_rt, delta_act(raw_rt, bias, SOFTPLUS), 0.0)
+        u = tl.load(u_ptr + xoff, mask=inside, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + xoff, mask=inside, other=0.0).to(tl.float32)
+        dtu = dt * u
+        dA = tl.exp2(dt[None, :, :] * A2)
+        x = dtu[None, :, :] * Bt
+        # recompute the row states r and the column states h of the tile
+        row_idx = ((seq * H + rows[None, :]) * n_cb + cb) * N + offs_n[:, None]  # (NP, R)
+        hl = tl.load(hrl_ptr + row_idx, mask=nm[:, None] & rm[None, :], other=0.0)
+        ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
+        hr = ap * hl[:, :, None] + bp
+        col_idx = ((seq * n_rb + rb) * N + offs_n[:, None]) * W + cols[None, :]  # (NP, WB)
+        ht = tl.load(htop_ptr + col_idx, mask=nm[:, None] & cm[None, :], other=0.0)
+        ap2, bp2 = tl.associative_scan((dA, hr), axis=1, combine_fn=lin_combine)
+        h = ap2 * ht[:, None, :] + bp2
+        y = tl.sum(Ct * h, axis=0)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d)
+            y += Dv * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + xoff, mask=inside, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zz)
+            dy = dout * zz * sz
+            tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=inside)
+        else:
+            dy = dout
+        # adjoint of the column pass, then of the row pass
+        gb = tl.load(gbot_ptr + col_idx, mask=nm[:, None] & cm[None, :], other=0.0)
+        a_dn = tl.where(last_row, 0.0, tl.exp2(dt_dn[None, :, :] * A2))
+        c1 = dy[None, :, :] * Ct + tl.where(last_row, gb[:, None, :], 0.0)
+        _, gh = tl.associative_scan((a_dn, c1), axis=1, combine_fn=lin_combine, reverse=True)
+        gr = tl.load(ghr_ptr + row_idx, mask=nm[:, None] & rm[None, :], other=0.0)
+        a_rt = tl.where(last_col, 0.0, tl.exp2(dt_rt[None, :, :] * A2))
+        c2 = gh + tl.where(last_col, gr[:, :, None], 0.0)
+        _, ghr = tl.associative_scan((a_rt, c2), axis=2, combine_fn=lin_combine, reverse=True)
+        # q = a * dL/da: the decay feeds both passes
+        q = gh * (h - hr) + ghr * (hr - x)
+        dB_acc += ghr * dtu[None, :, :]
+        dC_acc += dy[None, :, :] * h
+        gB = tl.sum(ghr * Bt, axis=0)
+        qA = tl.sum(q * An[:, None, None], axis=0)
+        pidx = (pid_b * n_tiles + pid_t) * DIM + d
+        tl.store(dAp_ptr + pidx * N + offs_n, tl.sum(tl.sum(q * dt[None, :, :], axis=2), axis=1), mask=nm)
+        du = dt * gB
+        if HAS_D:
+            du += Dv * dy
+            tl.store(dDp_ptr + pidx, tl.sum(tl.sum(dy * u, axis=1), axis=0))
+        ddt = tl.where(valid, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
+        if HAS_BIAS:
+            tl.store(dbp_ptr + pidx, tl.sum(tl.sum(ddt, axis=1), axis=0))
+        tl.store(du_ptr + xoff, du, mask=inside)
+        tl.store(ddl_ptr + xoff, ddt, mask=inside)
+    poff = ((pid_b * n_chblk + pid_c) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
+    tl.store(dBp_ptr + poff, dB_acc, mask=bc_mask)
+    tl.store(dCp_ptr + poff, dC_acc, mask=bc_mask)
+
+
+def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
+    """The row state entering every column block of every row: (batch*dim*H, n_cb, N)."""
+    batch, dim, H, W = u.shape
+    G, N = Bg.shape[1], A32.shape[1]
+    dpg = dim // G
+    BD = largest_pow2_divisor(dpg, cfg.BD)
+    n_cb = triton.cdiv(W, cfg.WB)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    hrl = torch.empty(batch * dim * H, n_cb, N, **f32)
+    S = torch.empty(batch * dim * H, **f32)
+    agg = torch.empty(batch * dim * H, N, **f32)
+    dummy = A32
+    agg_kernel[(dim // BD, H, batch)](
+        u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy,
+        mask8 if mask8 is not None else dummy,
+        S, agg, hrl,
+        dim, dpg, G, W, W, H, W, 1, n_cb, 1,
+        N=N, NP=pow2(N), BD=BD, T=cfg.WB, REVERSE=False, HAS_Z=False, HAS_BIAS=bias32 is not None,
+        SOFTPLUS=softplus, HAS_MASK=mask8 is not None, SAVE_TILE=True,
+        num_warps=cfg.warps,
+    )
+    return hrl
+
+
+def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save, cfg):
+    batch, dim, H, W = u.shape
+    G, N = Bg.shape[1], A32.shape[1]
+    dpg = dim // G
+    BD = largest_pow2_divisor(dpg, cfg.BD)
+    n_cb = triton.cdiv(W, cfg.WB)
+    n_rb = triton.cdiv(H, cfg.R)
+    hrl = _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg)
+    dummy = A32
+    out = torch.empty_like(u)
+    htop = torch.empty(batch * dim, n_rb, N, W, device=u.device, dtype=torch.float32) if save else dummy
+    _fwd_kernel[(dim // BD, n_cb, batch)](
+        u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, z if z is not None else dummy,
+        bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy, hrl,
+        out, htop,
+        dim, dpg, G, H, W, n_cb, n_rb,
+        N=N, NP=pow2(N), BD=BD, WB=cfg.WB, R=cfg.R, HAS_D=D32 is not None, HAS_Z=z is not None,
+        HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_MASK=mask8 is not None, SAVE=save,
+        num_warps=cfg.warps,
+    )
+    return out, (hrl if save else None), (htop if save else None)
+
+
+def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl, htop, cfg):
+    batch, dim, H, W = u.shape
+    G, N = Bg.shape[1], A32.shape[1]
+    dpg = dim // G
+    NP = pow2(N)
+    n_cb = triton.cdiv(W, cfg.WB)
+    n_rb = triton.cdiv(H, cfg.R)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dummy = A32
+    zt = z if z is not None else dummy
+    bt = bias32 if bias32 is not None else dummy
+    mt = mask8 if mask8 is not None else dummy
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_MASK=mask8 is not None)
+    BD = largest_pow2_divisor(dpg, cfg.BD)
+    gbot = torch.empty(batch * dim, n_rb, N, W, **f32)
+    S = torch.empty(batch * dim * H, n_cb, **f32)
+    agg = torch.empty(batch * dim * H, n_cb, N, **f32)
+    _vrev_kernel[(dim // BD, n_cb, batch)](
+        dout, delta, A32, Cg, zt, bt, mt,
+        gbot, S, agg,
+        dim, dpg, G, H, W, n_cb, n_rb,
+        N=N, NP=NP, BD=BD, WB=cfg.WB, R=cfg.R, **flags,
+        num_warps=cfg.warps,
+    )
+    ghr, _ = chain_segments(S, agg, A32, H, dim, reverse=True)
+    del S, agg
+    CH = largest_pow2_divisor(dpg, cfg.CH)
+    n_chblk = dim // CH
+    n_tiles = n_rb * n_cb
+    du = torch.empty_like(u)
+    ddl = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else dummy
+    dBp = torch.empty(batch, n_chblk, N, H, W, **f32)
+    dCp = torch.empty(batch, n_chblk, N, H, W, **f32)
+    dAp = torch.empty(batch * n_tiles, dim, N, **f32)
+    dDp = torch.empty(batch * n_tiles, dim, **f32) if D32 is not None else dummy
+    dbp = torch.empty(batch * n_tiles, dim, **f32) if bias32 is not None else dummy
+    _bwd_kernel[(n_chblk, n_tiles, batch)](
+        u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, mt, dout,
+        hrl, htop, gbot, ghr,
+        du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
+        dim, dpg, G, H, W, n_cb, n_rb, n_chblk,
+        N=N, NP=NP, WB=cfg.WB, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags,
+        num_warps=cfg.warps_bwd,
+    )
+    per_group = n_chblk // G
+    dB = dBp.view(batch, G, per_group, N, H, W).sum(2)
+    dC = dCp.view(batch, G, per_group, N, H, W).sum(2)
+    return (
+        du, ddl, dAp.sum(0), dB, dC,
+        dDp.sum(0) if D32 is not None else None,
+        dz if z is not None else None,
+        dbp.sum(0) if bias32 is not None else None,
+    )
+
+
+class _SelectiveScan2D(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask, cfg):
+        uc, dc = u.contiguous(), delta.contiguous()
+        zc = z.contiguous() if z is not None else None
+        Bg = (B.unsqueeze(1) if B.dim() == u.dim() else B).contiguous()
+        Cg = (C.unsqueeze(1) if C.dim() == u.dim() else C).contiguous()
+        A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
+        b32 = as_f32(delta_bias, u) if delta_bias is not None else None
+        mask8 = mask.contiguous().view(torch.uint8) if mask is not None else None
+        cfg = cfg or default_config(*u.shape, A.shape[1])
+        save = any(ctx.needs_input_grad[:8])
+        out, hrl, htop = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, mask8, save, cfg)
+        if save:
+            ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop)
+            ctx.meta = (delta_softplus, cfg, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
+                                                                        for t in (A, B, C, D, delta_bias)))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop = ctx.saved_tensors
+        softplus, cfg, was_grouped, dtypes = ctx.meta
+        du, ddl, dA, dB, dC, dD, dz, db = _backward(
+            dout.contiguous(), uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, mask8, hrl, htop, cfg,
+        )
+        if not was_grouped:
+            dB, dC = dB[:, 0], dC[:, 0]
+        tA, tB, tC, tD, tbias = dtypes
+        return (
+            du, ddl, dA.to(tA), dB.to(tB), dC.to(tC),
+            dD.to(tD) if dD is not None else None,
+            dz,
+            db.to(tbias) if db is not None else None,
+            None, None, None,
+        )
+
+
+def selective_scan_2d_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    mask: Tensor | None = None,
+    config: Scan2DConfig | None = None,
+) -> Tensor:
+    """`selective_scan_2d` on the Triton kernels: same arguments, result and gradients as the
+    reference (float32 state and accumulation; out in u's dtype)."""
+    check_device(u)
+    return _SelectiveScan2D.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask, config)

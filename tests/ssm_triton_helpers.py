@@ -1,0 +1,146 @@
+"""Runs the Triton scan kernels under Triton's CPU interpreter and reports their errors as JSON.
+
+`tests/test_ssm_triton.py` starts this file in a subprocess with TRITON_INTERPRET=1 set before Triton
+is imported (the variable is read at import time, so it cannot be switched on inside a pytest process
+that may already have imported Triton). Each case draws random inputs, runs the kernels forward and
+backward on tiny shapes, and compares with the float64 reference backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+CASE_NAMES = (
+    "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16",
+    "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_padding_ignored",
+)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def scan_inputs(gen, batch, dim, spatial, n_state, groups, grouped, dtype=torch.float32):
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    bc_shape = (batch, groups, n_state, *spatial) if grouped else (batch, n_state, *spatial)
+    return dict(
+        u=rnd(batch, dim, *spatial), delta=rnd(batch, dim, *spatial, scale=0.5),
+        A=-torch.rand(dim, n_state, generator=gen) * 2 - 0.1, B=rnd(*bc_shape), C=rnd(*bc_shape),
+        D=torch.randn(dim, generator=gen), z=rnd(batch, dim, *spatial),
+        delta_bias=torch.randn(dim, generator=gen) * 0.3,
+    )
+
+
+def compare(fn, ref, inputs, extra_out=False):
+    """Relative errors of the output (and last state) and of every input's gradient."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if v is not None and v.is_floating_point()}
+    args = {k: leaves.get(k, v) for k, v in inputs.items()}
+    ref_args = {k: (v.detach().double().requires_grad_(True) if k in leaves else v) for k, v in args.items()}
+    got, want = fn(**args), ref(**ref_args)
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    weights = [torch.randn(g.shape, dtype=torch.float64) for g in got]
+    loss_got = sum((g.double() * w).sum() for g, w in zip(got, weights, strict=True))
+    loss_want = sum((g * w).sum() for g, w in zip(want, weights, strict=True))
+    grads_got = torch.autograd.grad(loss_got, list(leaves.values()))
+    grads_want = torch.autograd.grad(loss_want, [ref_args[k] for k in leaves])
+    out = {f"out{i}": rel(g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))}
+    out.update({f"d{k}": rel(a, b) for k, a, b in zip(leaves, grads_got, grads_want, strict=True)})
+    out["dtypes_ok"] = all(g.dtype == leaves[k].dtype for k, g in zip(leaves, grads_got, strict=True))
+    return out
+
+
+def run_case(name: str) -> dict:
+    from mambascope.ssm import selective_scan, selective_scan_2d
+    from mambascope.ssm.reference import selective_scan_2d_reference, selective_scan_reference
+    from mambascope.ssm.triton_scan import Scan1DConfig, selective_scan_triton
+    from mambascope.ssm.triton_scan2d import Scan2DConfig, selective_scan_2d_triton
+
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    # T=4 tiles, 2 channels a program, few programs wanted: short sequences still get several tiles,
+    # several segments (the summary + chain path) and several backward channel blocks.
+    cfg1 = Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
+    cfg2 = Scan2DConfig(WB=4, BD=2, warps=1, R=2, CH=2, warps_bwd=1)
+
+    def tri1(**kw):
+        return selective_scan_triton(**kw, config=cfg1)
+
+    def tri2(**kw):
+        return selective_scan_2d_triton(**kw, config=cfg2)
+
+    if name == "1d_grouped_all_options":
+        x = scan_inputs(gen, 2, 4, (19,), 3, 2, True)
+        return compare(lambda **k: tri1(**k, delta_softplus=True, return_last_state=True),
+                       lambda **k: selective_scan_reference(**k, delta_softplus=True, return_last_state=True), x)
+    if name == "1d_plain_segments":
+        x = scan_inputs(gen, 1, 8, (37,), 4, 1, False)
+        return compare(lambda **k: tri1(**k, delta_softplus=True),
+                       lambda **k: selective_scan_reference(**k, delta_softplus=True), x)
+    if name == "1d_length_one":
+        x = scan_inputs(gen, 1, 2, (1,), 2, 1, False)
+        return compare(lambda **k: tri1(**k, delta_softplus=True, return_last_state=True),
+                       lambda **k: selective_scan_reference(**k, delta_softplus=True, return_last_state=True), x)
+    if name == "1d_bare":
+        x = scan_inputs(gen, 2, 2, (13,), 4, 1, False)
+        x.update(D=None, z=None, delta_bias=None)
+        x["delta"] = x["delta"].abs()
+        return compare(tri1, selective_scan_reference, x)
+    if name in ("1d_bf16", "1d_fp16"):
+        dtype = torch.bfloat16 if name == "1d_bf16" else torch.float16
+        x = scan_inputs(gen, 1, 4, (21,), 4, 2, True, dtype=dtype)
+        return compare(lambda **k: tri1(**k, delta_softplus=True),
+                       lambda **k: selective_scan_reference(**k, delta_softplus=True), x)
+    if name == "1d_dispatch":
+        x = scan_inputs(gen, 1, 4, (11,), 2, 1, False)
+        return compare(lambda **k: selective_scan(**k, delta_softplus=True, backend="triton"),
+                       lambda **k: selective_scan_reference(**k, delta_softplus=True), x)
+    if name == "2d_mask_nonsquare":
+        x = scan_inputs(gen, 2, 4, (5, 7), 3, 1, False)
+        x["mask"] = torch.rand(2, 5, 7, generator=gen) > 0.3
+        return compare(lambda **k: tri2(**k, delta_softplus=True),
+                       lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
+    if name == "2d_grouped":
+        x = scan_inputs(gen, 1, 4, (3, 9), 2, 2, True)
+        return compare(lambda **k: selective_scan_2d(**k, delta_softplus=True, backend="triton"),
+                       lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
+    if name == "2d_single_cell":
+        x = scan_inputs(gen, 1, 2, (1, 1), 2, 1, False)
+        return compare(lambda **k: tri2(**k, delta_softplus=True),
+                       lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
+    if name == "2d_padding_ignored":
+        x = scan_inputs(gen, 1, 2, (4, 5), 2, 1, False)
+        mask = torch.rand(1, 4, 5, generator=gen) > 0.4
+        mask[0, 0, 0] = True
+        out1 = tri2(**x, delta_softplus=True, mask=mask)
+        pad = ~mask
+        y = dict(x)
+        for k in ("u", "delta", "z"):
+            y[k] = torch.where(pad[:, None], torch.randn(x[k].shape, generator=gen) * 5, x[k])
+        for k in ("B", "C"):
+            y[k] = torch.where(pad[:, None], torch.randn(x[k].shape, generator=gen) * 5, x[k])
+        out2 = tri2(**y, delta_softplus=True, mask=mask)
+        real = mask[:, None].expand_as(out1)
+        return {"real_cells_changed": rel(out2[real], out1[real]), "padded_cells_changed": rel(out2[~real], out1[~real])}
+    raise KeyError(name)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("run with TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    names = sys.argv[1:] or CASE_NAMES
+    print(json.dumps({n: run_case(n) for n in names}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

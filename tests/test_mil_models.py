@@ -1,0 +1,122 @@
+"""MIL aggregators: shapes, gradients, score alignment, the coordinate grid, bad bags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mambascope.errors import DataError
+from mambascope.models import list_models
+from mambascope.models.mil import MILOutput
+from mambascope.models.mil.grid import lattice_step, patch_grid
+from mambascope.models.mil.mambamil import reorder_permutation
+from mambascope.train.mil_options import MIL_MODELS
+from mil_helpers import IN_DIM, lattice_coords, single_thread, small_model  # noqa: F401
+
+
+def test_mil_models_are_registered():
+    assert set(MIL_MODELS) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", MIL_MODELS)
+@pytest.mark.parametrize("n", [1, 10_000])
+def test_forward_backward_any_bag_length(name, n):
+    rng = np.random.default_rng(n)
+    model = small_model(name)
+    features = torch.randn(n, IN_DIM, requires_grad=True)
+    coords = torch.from_numpy(lattice_coords(rng, n))
+    out = model(features, coords)
+    assert isinstance(out, MILOutput)
+    assert out.logits.shape == (3,)
+    assert out.scores.shape == (n,)
+    assert torch.all(out.scores >= 0)
+    assert out.scores.sum().item() == pytest.approx(1.0, abs=1e-4)
+    (out.logits.sum() + out.scores[0]).backward()
+    assert torch.isfinite(features.grad).all()
+    assert features.grad.abs().sum() > 0
+    assert model.head.weight.grad.abs().sum() > 0
+    if n > 1:  # with one patch the attention weight is 1 whatever its parameters, so only then
+        moved = [p.grad is not None and p.grad.abs().sum().item() > 0 for p in model.parameters()]
+        assert all(moved), [name for (name, _), ok in zip(model.named_parameters(), moved, strict=True) if not ok]
+
+
+@pytest.mark.parametrize("name", ["abmil", "abmil-gated", "mamba2d"])
+def test_scores_follow_their_patch_when_the_bag_is_shuffled(name):
+    """Order-free models (mamba2d places patches by coords) give each patch the same score in any order."""
+    rng = np.random.default_rng(1)
+    model = small_model(name).eval()
+    features = torch.randn(200, IN_DIM)
+    coords = torch.from_numpy(lattice_coords(rng, 200))
+    perm = torch.from_numpy(rng.permutation(200))
+    with torch.no_grad():
+        out = model(features, coords)
+        shuffled = model(features[perm], coords[perm])
+    torch.testing.assert_close(shuffled.scores, out.scores[perm], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(shuffled.logits, out.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2d_has_no_fixed_canvas():
+    """Moving the slide or changing the tiling stride leaves the grid, and so the output, unchanged."""
+    rng = np.random.default_rng(2)
+    model = small_model("mamba2d").eval()
+    features = torch.randn(150, IN_DIM)
+    coords = torch.from_numpy(lattice_coords(rng, 150, step=256))
+    moved = (coords - coords.min(0).values) * 2 + torch.tensor([100_000, 7])  # stride 512, far origin
+    with torch.no_grad():
+        a, b = model(features, coords), model(features, moved)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_grid_from_coordinates():
+    coords = torch.tensor([[1000, 500], [1224, 500], [1448, 500], [1000, 724], [1448, 724],
+                           [1000, 500 + 224 * 40]])  # stride 224, a far-away patch 40 rows down
+    assert lattice_step(coords) == 224
+    two_origins = torch.cat([coords[:5], coords[:5] + torch.tensor([3000 + 17, 3])])  # CLAM-like contours
+    assert lattice_step(two_origins) == 224
+    grid = patch_grid(coords, 6)
+    rows, cols = grid.cell // grid.width, grid.cell % grid.width
+    assert grid.width == 3
+    assert rows.tolist() == [0, 0, 0, 1, 1, 3]  # the 38 empty rows shrink to one
+    assert cols.tolist() == [0, 1, 2, 0, 2, 0]
+    assert grid.cells.numel() == 6 and int(grid.counts.max()) == 1
+
+
+def test_grid_cell_sharing_and_raster_fallback():
+    coords = torch.tensor([[0, 0], [256, 0], [260, 3], [512, 0]])  # a patch of an offset lattice
+    grid = patch_grid(coords, 4)
+    assert grid.cell[1] == grid.cell[2]
+    assert grid.counts.tolist() == [1, 2, 1]
+    model = small_model("mamba2d").eval()
+    with torch.no_grad():
+        out = model(torch.randn(4, IN_DIM), coords)
+    assert out.scores.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert out.scores[1].item() == pytest.approx(out.scores[2].item())
+    raster = patch_grid(None, 10)
+    assert (raster.height, raster.width) == (3, 4)
+    assert raster.cell.tolist() == list(range(10))
+
+
+def test_grid_refuses_layouts_that_are_not_tissue():
+    diagonal = torch.arange(2000).unsqueeze(1).repeat(1, 2) * 256
+    with pytest.raises(DataError, match="2D tissue grid"):
+        patch_grid(diagonal, 2000)
+
+
+def test_reorder_permutation():
+    assert reorder_permutation(7, 3).tolist() == [0, 3, 6, 1, 4, 2, 5]
+    perm = reorder_permutation(1000, 10)
+    assert sorted(perm.tolist()) == list(range(1000))
+    assert perm[:3].tolist() == [0, 10, 20]
+
+
+@pytest.mark.parametrize("name", MIL_MODELS)
+def test_bad_bags_raise_data_errors(name):
+    model = small_model(name)
+    with pytest.raises(DataError, match="empty bag"):
+        model(torch.zeros(0, IN_DIM))
+    with pytest.raises(DataError, match="dimension 16"):
+        model(torch.zeros(4, 16))
+    with pytest.raises(DataError, match="coords"):
+        model(torch.zeros(4, IN_DIM), torch.zeros(3, 2, dtype=torch.long))
