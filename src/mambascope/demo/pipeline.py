@@ -8,6 +8,7 @@ is also a worked example of running the pipeline from Python.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(),
     _fail_if_any(tiling.failed, "tile", tiling.metadata_path)
 
     features_dir = out_dir / "features"
-    backbone = create_backbone(settings.backbone, "none", seed=settings.seed)
+    with warnings.catch_warnings():  # random weights are the demo's choice (it never downloads); README says so
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        backbone = create_backbone(settings.backbone, "none", seed=settings.seed)
     extraction = timed("features", lambda: extract_features(
         labels_csv, tiles_dir, features_dir, backbone,
         ExtractionSettings(batch_size=settings.batch_size, workers=0, device=settings.device), show_progress=True))
