@@ -126,3 +126,23 @@ def test_user_error_prints_one_line_and_debug_shows_traceback(capsys, monkeypatc
 def test_config_error_exit_code_is_2():
     assert ConfigError("x").exit_code == 2
     assert DataError("x").exit_code == 1
+
+
+def test_real_commands_take_config_and_reject_bad_ones(tmp_path, capsys):
+    """Every command with many options has --config; a missing or malformed file is one line, exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("patch_size: [256\n")
+    for command in (["tile"], ["features"], ["train", "mil"], ["predict"], ["segment", "train"]):
+        code, _, err = run(capsys, [*command, "--config", str(tmp_path / "missing.yaml")])
+        assert code == 2, command
+        assert "config file not found" in err and err.strip().count("\n") == 0
+        code, _, err = run(capsys, [*command, "--config", str(bad)])
+        assert code == 2, command
+        assert "not valid YAML" in err and "Traceback" not in err
+
+
+def test_help_lists_only_the_working_command_groups(capsys):
+    code, out, _ = run(capsys, ["--help"])
+    assert code == 0
+    listed = {line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == {"demo", "doctor", "evaluate", "features", "predict", "segment", "stats", "tile", "train"}

@@ -205,7 +205,8 @@ class GalleryLayout:
 
     @property
     def caption_height(self) -> int:
-        return round(34 * self.font_scale) + 6
+        """Two caption lines: the score, then the level-0 location."""
+        return 2 * round(30 * self.font_scale) + 8
 
     @property
     def header_height(self) -> int:
@@ -266,9 +267,13 @@ def render_gallery(top: Sequence[GalleryTile], bottom: Sequence[GalleryTile], *,
         for i, tile in enumerate(group):
             x, y = layout.origin_in_grid(*divmod(i, layout.columns))
             grid[y:y + size, x:x + size] = tile.pixels
-            caption = f"{tile.score:.3g} @ {tile.location[0]},{tile.location[1]}"
-            cv2.putText(grid, caption, (x + 2, y + size + layout.caption_height - 6), FONT, scale * 0.8,
-                        (0, 0, 0), 1, cv2.LINE_AA)
+            lines = (f"{tile.score:.3g}", f"({tile.location[0]}, {tile.location[1]})")
+            line_height = (layout.caption_height - 8) // 2
+            for row, line in enumerate(lines):
+                width = cv2.getTextSize(line, FONT, scale * 0.8, 1)[0][0]
+                fitted = scale * 0.8 * min(1.0, (size - 4) / max(width, 1))  # never wider than the tile
+                cv2.putText(grid, line, (x + 2, y + size + (row + 1) * line_height + 2), FONT, fitted,
+                            (0, 0, 0), 1, cv2.LINE_AA)
         sections.append(grid)
     return np.concatenate(sections, axis=0)
 
