@@ -58,6 +58,16 @@ def patch_geometry(slide: Slide, attrs: Mapping[str, Any], coords_path: Path) ->
     return int(size_level0), int(patch_size)
 
 
+def _batch_buffer(shape: tuple[int, ...], *, shared: bool) -> torch.Tensor:
+    """An uninitialised uint8 tensor, in shared memory for a worker: filled in place, handing it to
+    the main process copies nothing. Allocated there directly (as torch's own collate does), because
+    `share_memory_` would first copy the whole fresh buffer."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 @dataclass
 class _OpenSource:
     """A worker's handle on the slide it is reading now (or why that slide cannot be read)."""
@@ -141,10 +151,23 @@ class PatchChunks(Dataset):
         if source.error:
             return self._failed(item, source.error)
         size = source.out_size
-        batch = torch.empty((stop - start, size, size, 3), dtype=torch.uint8)
-        if get_worker_info() is not None:
-            batch.share_memory_()  # filled in place, so handing it to the main process copies nothing
+        batch = _batch_buffer((stop - start, size, size, 3), shared=get_worker_info() is not None)
         pixels = batch.numpy()
+        try:  # the fast path: tiles shared by neighbouring patches are decoded once
+            source.slide.read_patches(source.coords[start:stop], source.size_level0, size, out=pixels)
+        except SlideReadError:  # find the unreadable patches one by one, reading through the slide library
+            self.close()  # an OpenSlide handle stays broken after one failed read: open a fresh one
+            source = self._source_for(job_index)
+            if source.error:
+                return self._failed(item, source.error)
+            return self._read_one_by_one(item, batch, source, start, stop)
+        item["pixels"] = batch
+        return item
+
+    def _read_one_by_one(self, item: dict[str, Any], batch: torch.Tensor, source: _OpenSource, start: int,
+                         stop: int) -> dict[str, Any]:
+        """Per-patch reads that fail the chunk on an unreadable patch, or zero it when allowed."""
+        job_index, size, pixels = item["job"], source.out_size, batch.numpy()
         unreadable = []
         for row, (x, y) in enumerate(source.coords[start:stop]):
             try:

@@ -25,6 +25,7 @@ from mambascope.slides.backends import (
     ImageBackend,
     OpenSlideLikeBackend,
 )
+from mambascope.slides.tiff_tiles import TiffTileReader
 
 #: file suffixes treated as slides when a directory is listed (DICOM series are folders)
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".qptiff",
@@ -44,6 +45,15 @@ _MAGNIFICATION_KEYS = ("openslide.objective-power", "tiffslide.objective-power",
                        "aperio.AppMag", "hamamatsu.SourceLens", "leica.objective")
 _UM_PER_RESOLUTION_UNIT = {"centimeter": 1e4, "inch": 25400.0}
 _PLAUSIBLE_MPP = (0.02, 20.0)  # µm/px; rejects e.g. a default 72-dpi tag (352 µm/px)
+
+
+def _fill_outside(canvas: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """White everywhere in `canvas` outside `box` = (x0, y0, x1, y1), the part inside the slide."""
+    x0, y0, x1, y1 = box
+    canvas[:y0] = 255
+    canvas[y1:] = 255
+    canvas[y0:y1, :x0] = 255
+    canvas[y0:y1, x1:] = 255
 
 
 def slide_id_from_path(path: str | Path) -> str:
@@ -132,6 +142,8 @@ class Slide:
         self.properties: dict[str, str] = dict(backend.properties)
         self.mpp: float | None = mpp_override if mpp_override is not None else mpp_from_properties(self.properties)
         self.magnification: float | None = magnification_from_properties(self.properties)
+        self._tiles: TiffTileReader | None = None
+        self._tile_checked: dict[int, bool] = {}
 
     def __repr__(self) -> str:
         return (f"Slide({self.slide_id!r}, reader={self.reader!r}, dimensions={self.dimensions}, "
@@ -156,6 +168,11 @@ class Slide:
 
     def read_region(self, location_level0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """(h, w, 3) RGB of `size` pixels at `level`, top-left at level-0 `location`; white outside the slide."""
+        return self._region(location_level0, level, size, fast=False)
+
+    def _region(self, location_level0: tuple[int, int], level: int, size: tuple[int, int], *, fast: bool,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """`read_region`, from the verified tile reader when `fast` allows; filled into `out` when given."""
         if not 0 <= level < self.level_count:
             raise SlideReadError(f"level {level} does not exist (the slide has {self.level_count})",
                                  path=self.path, hint=f"use a level in 0..{self.level_count - 1}")
@@ -167,9 +184,18 @@ class Slide:
         left, top = round(location_level0[0] / downsample), round(location_level0[1] / downsample)
         x0, y0 = max(left, 0), max(top, 0)
         x1, y1 = min(left + width, level_width), min(top + height, level_height)
+        canvas = np.empty((height, width, 3), dtype=np.uint8) if out is None else out
         if x1 <= x0 or y1 <= y0:
-            return np.full((height, width, 3), 255, dtype=np.uint8)
+            canvas[:] = 255
+            return canvas
+        inside = (x0, y0, x1, y1) == (left, top, left + width, top + height)
         try:
+            if fast and self._tile_level(level):
+                target = canvas if inside else canvas[y0 - top:y1 - top, x0 - left:x1 - left]
+                self._tiles.read(level, x0, y0, x1 - x0, y1 - y0, out=target)
+                if not inside:
+                    _fill_outside(canvas, (x0 - left, y0 - top, x1 - left, y1 - top))
+                return canvas
             # ceil: every library divides the level-0 location by the downsample and floors or rounds
             origin = (math.ceil(x0 * downsample - 1e-6), math.ceil(y0 * downsample - 1e-6))
             pixels = self._backend.read(origin, level, (x1 - x0, y1 - y0))
@@ -177,23 +203,79 @@ class Slide:
             raise SlideReadError(f"cannot read pixels at {location_level0} level {level} ({exc})",
                                  path=self.path, hint="the file may be truncated or corrupt; copy it again") from exc
         if pixels.shape[:2] == (height, width):  # wholly inside the slide: nothing to pad
-            return pixels
-        canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+            if out is None:
+                return pixels
+            out[:] = pixels
+            return out
+        canvas[:] = 255
         rows, cols = min(pixels.shape[0], y1 - y0), min(pixels.shape[1], x1 - x0)
         canvas[y0 - top:y0 - top + rows, x0 - left:x0 - left + cols] = pixels[:rows, :cols]
         return canvas
 
     def read_patch(self, location_level0: tuple[int, int], size_level0: int, out_size: int) -> np.ndarray:
         """A square of `size_level0` level-0 pixels as (out_size, out_size, 3), read at the best level."""
+        return self._patch(location_level0, size_level0, out_size, fast=False)
+
+    def _patch(self, location_level0: tuple[int, int], size_level0: int, out_size: int, *, fast: bool,
+               out: np.ndarray | None = None) -> np.ndarray:
         import cv2
 
         level = self.best_level_for_downsample(size_level0 / out_size)
         side = max(1, round(size_level0 / self.level_downsamples[level]))
-        pixels = self.read_region(location_level0, level, (side, side))
         if side == out_size:
-            return pixels
+            return self._region(location_level0, level, (side, side), fast=fast, out=out)
+        pixels = self._region(location_level0, level, (side, side), fast=fast)
         interpolation = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
-        return cv2.resize(pixels, (out_size, out_size), interpolation=interpolation)
+        resized = cv2.resize(pixels, (out_size, out_size), interpolation=interpolation)
+        if out is None:
+            return resized
+        out[:] = resized
+        return out
+
+    def read_patches(self, locations: np.ndarray, size_level0: int, out_size: int,
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """`read_patch` for each level-0 (x, y) row of `locations`, as (n, out_size, out_size, 3).
+
+        Pixels are the same as `read_patch`'s, but on tiled TIFF pyramids (SVS, generic and OME TIFF)
+        the tiles are decoded directly and kept while neighbouring patches need them (on a grid each
+        is decoded once instead of once per patch touching it), several times faster than OpenSlide.
+        A level is read this way only after checking, on its first read, that the tile reader gives
+        the slide library's own pixels there. Fills `out` when given.
+        """
+        locations = np.asarray(locations)
+        if out is None:
+            out = np.empty((len(locations), out_size, out_size, 3), dtype=np.uint8)
+        for row, (x, y) in enumerate(locations.tolist()):
+            self._patch((int(x), int(y)), size_level0, out_size, fast=True, out=out[row])
+        return out
+
+    def _tile_level(self, level: int) -> bool:
+        """Whether the direct tile reader serves `level`: checked once per level against the library."""
+        if level not in self._tile_checked:
+            self._tile_checked[level] = False
+            if self.reader in ("openslide", "tiffslide"):
+                try:
+                    if self._tiles is None:
+                        self._tiles = TiffTileReader(self.path, self.level_dimensions)
+                    self._tile_checked[level] = self._tiles_agree(level)
+                except Exception:  # not a plain tiled TIFF pyramid (or unreadable): the library reads it
+                    self._tile_checked = dict.fromkeys(range(self.level_count), False)
+        return self._tile_checked[level]
+
+    def _tiles_agree(self, level: int) -> bool:
+        """Whether the tile reader gives the library's pixels where tiles meet and at the level's far corner."""
+        width, height = self.level_dimensions[level]
+        tile_w, tile_h = self._tiles.tile_size(level)
+        downsample = self.level_downsamples[level]
+        corner = (min(tile_w, width) - 32, min(tile_h, height) - 32)
+        for x, y in (corner, (width - 48, height - 48)):
+            x, y = max(x, 0), max(y, 0)
+            size = (min(64, width - x), min(64, height - y))
+            location = (math.ceil(x * downsample - 1e-6), math.ceil(y * downsample - 1e-6))
+            expected = self._region(location, level, size, fast=False)
+            if not np.array_equal(self._tiles.read(level, x, y, *size), expected):
+                return False
+        return True
 
     def read_downsampled(self, downsample: float) -> np.ndarray:
         """The whole slide at `downsample` × level 0, read in strips from the best level (bounded memory)."""
@@ -226,6 +308,10 @@ class Slide:
         return file_fingerprint(self.path)
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
+            self._tiles = None
+        self._tile_checked = {}
         self._backend.close()
 
     def __enter__(self) -> Slide:
