@@ -89,10 +89,23 @@ class PatchEncoder:
         shape = (1, 3, 1, 1)
         self._shift = torch.tensor([255.0 * m for m in backbone.mean], device=device).view(shape)
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in backbone.std], device=device).view(shape)
+        #: uploads run on their own stream so the next batch's copy overlaps this batch's compute
+        self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def upload(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Host uint8 batch -> device; on CUDA the copy runs on a side stream the compute waits for."""
+        if self._upload_stream is None:
+            return pixels.to(self.device)
+        with torch.cuda.stream(self._upload_stream):
+            on_device = pixels.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._upload_stream)
+        on_device.record_stream(compute)  # the caching allocator must not reuse it before compute is done
+        return on_device
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), channels-last, on the device."""
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = self.upload(pixels).permute(0, 3, 1, 2).float()
         size = self.backbone.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode=self.backbone.interpolation, antialias=True,
