@@ -404,9 +404,13 @@ def run_sweep(rows):
 SWEEP_1D = [
     dict(BD=32, programs=1024, warps=1),
     dict(BD=32, programs=2048, warps=1),
+    dict(BD=32, programs=2640, warps=1),
     dict(BD=32, programs=4096, warps=1),
-    dict(BD=64, programs=2048, warps=2),
-    dict(BD=128, programs=2048, warps=4, BD_BWD=64, warps_bwd=2),
+    dict(BD=32, programs=2048, warps=1, programs_bwd=1056),
+    dict(BD=32, programs=2048, warps=1, programs_bwd=1320),
+    dict(BD=32, programs=2048, warps=1, programs_bwd=2640),
+    dict(BD=32, programs=2048, warps=1, programs_bwd=3960),
+    dict(BD=32, programs=2048, warps=1, BD_BWD=64, warps_bwd=2),
 ]
 SWEEP_2D = [
     dict(WB=32, BD=2, warps=2, R=4, CH=16, warps_bwd=8),

@@ -11,11 +11,13 @@ exponentials, the in-thread scan from the carried state, C·h, D skip, z gate. B
 per tile for the whole block of channels. With SAVE it stores the state entering every tile
 ((batch, tiles, N, dim) float32) for the backward.
 
-Backward: the adjoint carry entering every tile from the right comes from the same summary + chain
-kernels run right to left on `dout silu(z) C` (with the last state's gradient as the initial carry).
-`_bwd_kernel` handles one tile for BD channels: it recomputes the tile's states, runs the adjoint scan
-`g[t] = c[t] + a[t+1] g[t+1]`, forms every gradient and writes the block's partial dB/dC (summed over
-its channels across the warp); the host sums the partials — deterministic, no atomics.
+Backward: cut into segments like the forward. The adjoint carry entering every segment from the right
+comes from the same summary + chain kernels run right to left on `dout silu(z) C` (with the last
+state's gradient as the initial carry). `_bwd_kernel` walks its segment tile by tile from the right
+for BD channels, passing the adjoint carry between tiles in registers: it recomputes each tile's
+states from the saved ones, runs the adjoint scan `g[t] = c[t] + a[t+1] g[t+1]`, forms every
+gradient and writes the block's partial dB/dC (summed over its channels across the warp); the host
+sums the partials — deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from mambascope.ssm.triton_common import (
 class Scan1DConfig:
     """Tile sizes. T: positions per tile (0: one 16-byte load per thread, 8 for 16-bit inputs, 4 for
     float32; also the spacing of the states saved for the backward); BD: channels per forward
-    program (one a thread, warps = BD / 32); programs: forward programs wanted (the sequence is cut
-    into segments until there are this many); BD_BWD: channels per backward program."""
+    program (one a thread, warps = BD / 32); programs: programs wanted per pass (the sequence is cut
+    into segments until there are this many); BD_BWD, warps_bwd, programs_bwd: the same for the
+    backward."""
 
     T: int = 0
     BD: int = 32
@@ -56,6 +59,7 @@ class Scan1DConfig:
     warps: int = 1
     BD_BWD: int = 32
     warps_bwd: int = 1
+    programs_bwd: int = 2048
 
 
 def default_config(batch: int, dim: int, L: int, n_state: int) -> Scan1DConfig:
@@ -63,9 +67,9 @@ def default_config(batch: int, dim: int, L: int, n_state: int) -> Scan1DConfig:
     one-warp programs over ~2048 long segments; many batches x channels as 4-warp programs over
     more, shorter segments."""
     if interpreting():
-        return Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
+        return Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1, programs_bwd=8)
     if batch * dim >= 16384:
-        return Scan1DConfig(BD=128, programs=8192, warps=4)
+        return Scan1DConfig(BD=128, programs=8192, warps=4, programs_bwd=8192)
     return Scan1DConfig()
 
 
@@ -144,86 +148,105 @@ def _fwd_kernel(
 
 @triton.jit(do_not_specialize=["one"])
 def _bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
+    u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
     hs_ptr, wc_ptr,
     du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr,
-    DIM, dpg, G, L, LS, n_tiles, n_dblk, one,
+    DIM, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    # One tile of T positions for BD channels, same layout as the forward (states in a plain loop, to
-    # keep registers low; nothing per state is carried between iterations). Per state n: the forward
-    # scan from the stored entering state, the adjoint scan `g[t] = c[t] + a[t+1] g[t+1]` from the
-    # stored carry, then the gradients; dB and dC are summed over the BD channels (a reduction across
-    # the warp's lanes) and written as this channel block's partial.
+    # One segment of tiles for BD channels, walked right to left, same layout as the forward. The
+    # adjoint carry W (NP, BD) enters from the segment's right end (chained segment summaries) and
+    # is passed from tile to tile in registers; the state entering each tile is the one the forward
+    # saved. Per state n (a plain loop, to keep registers low): the forward scan, the adjoint scan
+    # `g[t] = c[t] + a[t+1] g[t+1]`, then the gradients. dB and dC are summed over the BD channels
+    # (a reduction across the warp's lanes) and written as this channel block's partial; dA, dD and
+    # dbias are summed over the segment in registers and written once.
     pid_d = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     d0 = pid_d * BD
     offs_d = d0 + tl.arange(0, BD)
     g = d0 // dpg
+    nidx = tl.arange(0, NP)[:, None]
+    nmask = nidx < N
     bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d)[None, :]
     seq = pid_b * DIM + offs_d
     tr = tl.arange(0, T)
     first = (tr == 0)[:, None]
     lastr = (tr == T - 1)[:, None]
     zero_d = (offs_d * 0)[None, :]
-    t0 = pid_t * T
-    offs_t = t0 + tr
-    tm = (offs_t < L)[:, None]
-    xoff = seq[None, :] * LS + offs_t[:, None]
-    raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-    dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
-    dt_next = shift_next(dt, 0)
-    u = tl.load(u_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-        sz = tl.sigmoid(zz)
-        dy = dout * zz * sz
-    else:
-        dy = dout
-    dtu = dt * u
-    sidx = (pid_b * n_tiles + pid_t) * N * DIM + (offs_d * one)[None, :]  # + n*DIM: (batch, tile, N, DIM)
-    pidx = (pid_b * n_tiles + pid_t) * DIM + offs_d
-    y = tl.zeros((T, BD), dtype=tl.float32)
-    gB = tl.zeros((T, BD), dtype=tl.float32)
-    qA = tl.zeros((T, BD), dtype=tl.float32)
-    bc_off = (pid_b * G + g) * N * LS + offs_t[:, None] + zero_d
-    p_off = ((pid_b * n_dblk + pid_d) * N) * LS + offs_t
-    for n in range(N):
-        An = tl.load(A_ptr + offs_d * N + n)[None, :]
-        A2n = An * 1.4426950408889634
-        Hn = tl.load(hs_ptr + sidx + n * DIM)
-        Wn = tl.load(wc_ptr + sidx + n * DIM)
-        Bn = tl.load(B_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
-        Cn = tl.load(C_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
-        a = tl.exp2(dt * A2n)
-        x = dtu * Bn
-        _, h = tl.associative_scan((a, x + tl.where(first, a * Hn, 0.0)), axis=0, combine_fn=lin_combine)
-        y += Cn * h
-        a_next = tl.where(lastr, 0.0, tl.exp2(dt_next * A2n))
-        c = dy * Cn + tl.where(lastr, Wn, 0.0)
-        _, gg = tl.associative_scan((a_next, c), axis=0, combine_fn=lin_combine, reverse=True)
-        q = gg * (h - x)
-        gB += gg * Bn
-        qA += q * An
-        tl.store(dAp_ptr + sidx + n * DIM, tl.sum(q * dt, axis=0)[None, :])
-        tl.store(dBp_ptr + p_off + n * LS, tl.sum(gg * dtu, axis=1), mask=offs_t < L)
-        tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
-    du = dt * gB
+    cidx = ((pid_b * n_seg + pid_s) * N + nidx) * DIM + offs_d[None, :] * one  # (batch, seg, N, DIM)
+    W = tl.load(wc_ptr + cidx, mask=nmask, other=0.0)
+    dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
+    dD_acc = tl.zeros((1, BD), dtype=tl.float32)
+    db_acc = tl.zeros((1, BD), dtype=tl.float32)
+    t_lo = pid_s * seg_len
+    n_t = tl.cdiv(tl.minimum(seg_len, L - t_lo), T)
+    for k in range(n_t):
+        t0 = t_lo + (n_t - 1 - k) * T
+        offs_t = t0 + tr
+        tm = (offs_t < L)[:, None]
+        xoff = seq[None, :] * LS + offs_t[:, None]
+        raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
+        dt_next = shift_next(dt, 0)
+        u = tl.load(u_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zz)
+            dy = dout * zz * sz
+        else:
+            dy = dout
+        dtu = dt * u
+        sidx = (pid_b * n_tiles + t0 // T) * N * DIM + (offs_d * one)[None, :]  # + n*DIM
+        y = tl.zeros((T, BD), dtype=tl.float32)
+        gB = tl.zeros((T, BD), dtype=tl.float32)
+        qA = tl.zeros((T, BD), dtype=tl.float32)
+        bc_off = (pid_b * G + g) * N * LS + offs_t[:, None] + zero_d
+        p_off = ((pid_b * n_dblk + pid_d) * N) * LS + offs_t
+        for n in range(N):
+            sel = nidx == n
+            An = tl.load(At_ptr + n * DIM + offs_d)[None, :]
+            A2n = An * 1.4426950408889634
+            Hn = tl.load(hs_ptr + sidx + n * DIM)
+            Wn = tl.sum(tl.where(sel, W, 0.0), axis=0)[None, :]
+            Bn = tl.load(B_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+            Cn = tl.load(C_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+            a = tl.exp2(dt * A2n)
+            x = dtu * Bn
+            _, h = tl.associative_scan((a, x + tl.where(first, a * Hn, 0.0)), axis=0, combine_fn=lin_combine)
+            y += Cn * h
+            a_next = tl.where(lastr, 0.0, tl.exp2(dt_next * A2n))
+            c = dy * Cn + tl.where(lastr, Wn, 0.0)
+            _, gg = tl.associative_scan((a_next, c), axis=0, combine_fn=lin_combine, reverse=True)
+            W = tl.where(sel, tl.sum(tl.where(first, a * gg, 0.0), axis=0)[None, :], W)
+            q = gg * (h - x)
+            gB += gg * Bn
+            qA += q * An
+            dA_acc = tl.where(sel, dA_acc + tl.sum(q * dt, axis=0)[None, :], dA_acc)
+            tl.store(dBp_ptr + p_off + n * LS, tl.sum(gg * dtu, axis=1), mask=offs_t < L)
+            tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
+        du = dt * gB
+        if HAS_D:
+            du += Dv * dy
+            y += Dv * u
+            dD_acc += tl.sum(dy * u, axis=0)[None, :]
+        if HAS_Z:
+            tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=tm)
+        ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
+        db_acc += tl.sum(ddt, axis=0)[None, :]
+        tl.store(du_ptr + xoff, du, mask=tm)
+        tl.store(ddl_ptr + xoff, ddt, mask=tm)
+    tl.store(dAp_ptr + cidx, dA_acc, mask=nmask)
+    pidx = (pid_b * n_seg + pid_s) * DIM + offs_d
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d)[None, :]
-        du += Dv * dy
-        y += Dv * u
-        tl.store(dDp_ptr + pidx[None, :], tl.sum(dy * u, axis=0)[None, :])
-    if HAS_Z:
-        tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=tm)
-    ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
+        tl.store(dDp_ptr + pidx[None, :], dD_acc)
     if HAS_BIAS:
-        tl.store(dbp_ptr + pidx[None, :], tl.sum(ddt, axis=0)[None, :])
-    tl.store(du_ptr + xoff, du, mask=tm)
-    tl.store(ddl_ptr + xoff, ddt, mask=tm)
+        tl.store(dbp_ptr + pidx[None, :], db_acc)
 
 
 def _padded(t: Tensor | None, LS: int) -> Tensor | None:
@@ -233,6 +256,17 @@ def _padded(t: Tensor | None, LS: int) -> Tensor | None:
         return None
     t = t.contiguous()
     return t if t.shape[-1] == LS else torch.nn.functional.pad(t, (0, LS - t.shape[-1]))
+
+
+def _segments(batch: int, n_dblk: int, n_tiles: int, T: int, programs: int) -> tuple[int, int]:
+    """(segments per sequence, positions per segment): cut each sequence into whole tiles until
+    there are about `programs` programs. Segments are a multiple of 16 positions long: Triton then
+    knows every segment start is 16-aligned and keeps the 16-byte loads (a segment of 504 bf16
+    positions made the kernels 2-6x slower, NOTES_scan.md)."""
+    step = 16 // math.gcd(T, 16)
+    n_seg = max(1, min(n_tiles, math.ceil(programs / (batch * n_dblk))))
+    seg_tiles = triton.cdiv(triton.cdiv(n_tiles, n_seg), step) * step
+    return triton.cdiv(n_tiles, seg_tiles), seg_tiles * T
 
 
 def _tile(u: Tensor, cfg: Scan1DConfig) -> int:
@@ -247,10 +281,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
     T = _tile(u, cfg)
     n_tiles = triton.cdiv(L, T)
     n_dblk = dim // BD
-    n_seg = max(1, min(n_tiles, math.ceil(cfg.programs / (batch * n_dblk))))
-    seg_tiles = triton.cdiv(n_tiles, n_seg)
-    n_seg = triton.cdiv(n_tiles, seg_tiles)
-    seg_len = seg_tiles * T
+    n_seg, seg_len = _segments(batch, n_dblk, n_tiles, T, cfg.programs)
     NP = pow2(N)
     f32 = dict(device=u.device, dtype=torch.float32)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus)
@@ -294,35 +325,35 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
     dummy = A32
     zt = z if z is not None else dummy
     bt = bias32 if bias32 is not None else dummy
-    # the adjoint carry entering every tile from the right: per-tile summaries, chained
-    BDa = largest_pow2_divisor(dpg, cfg.BD)
-    S = torch.empty(batch * dim, n_tiles, **f32)
-    agg = torch.empty(batch * dim, n_tiles, N, **f32)
-    agg_kernel[(dim // BDa, n_tiles, batch)](
+    # the adjoint carry entering every segment from the right: segment summaries, chained
+    BD = largest_pow2_divisor(dpg, cfg.BD_BWD)
+    n_dblk = dim // BD
+    n_seg, seg_len = _segments(batch, n_dblk, n_tiles, T, cfg.programs_bwd)
+    S = torch.empty(batch * dim, n_seg, **f32)
+    agg = torch.empty(batch * dim, n_seg, N, **f32)
+    agg_kernel[(n_dblk, n_seg, batch)](
         dout, delta, zt, Cg, A32, bt, dummy,
         S, agg, dummy,
-        dim, dpg, G, L, LS, 1, T, n_tiles, n_tiles, 1,
-        N=N, NP=NP, BD=BDa, T=T, REVERSE=True, HAS_MASK=False, SAVE_TILE=False, **flags,
-        num_warps=cfg.warps,
+        dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1,
+        N=N, NP=NP, BD=BD, T=T, REVERSE=True, HAS_MASK=False, SAVE_TILE=False, **flags,
+        num_warps=cfg.warps_bwd,
     )
     init = None if dlast is None else dlast.to(torch.float32).reshape(batch * dim, N).contiguous()
     wc, _ = chain_segments(S, agg, A32, 1, dim, reverse=True, init=init, channel_last=True)
     del S, agg
-    BD = largest_pow2_divisor(dpg, cfg.BD_BWD)
-    n_dblk = dim // BD
     du = torch.empty_like(u)
     ddl = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else dummy
     dBp = torch.empty(batch, n_dblk, N, LS, **f32)
     dCp = torch.empty(batch, n_dblk, N, LS, **f32)
-    dAp = torch.empty(batch * n_tiles, N, dim, **f32)
-    dDp = torch.empty(batch * n_tiles, dim, **f32) if D32 is not None else dummy
-    dbp = torch.empty(batch * n_tiles, dim, **f32) if bias32 is not None else dummy
-    _bwd_kernel[(n_dblk, n_tiles, batch)](
-        u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, dout,
+    dAp = torch.empty(batch * n_seg, N, dim, **f32)
+    dDp = torch.empty(batch * n_seg, dim, **f32) if D32 is not None else dummy
+    dbp = torch.empty(batch * n_seg, dim, **f32) if bias32 is not None else dummy
+    _bwd_kernel[(n_dblk, n_seg, batch)](
+        u, delta, A32.t().contiguous(), Bg, Cg, D32 if D32 is not None else dummy, zt, bt, dout,
         hs, wc,
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
-        dim, dpg, G, L, LS, n_tiles, n_dblk, 1,
+        dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, 1,
         N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, **flags,
         num_warps=cfg.warps_bwd,
     )
