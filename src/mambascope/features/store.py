@@ -14,7 +14,6 @@ Files are written to `name.tmp` and renamed when complete, so a file under the f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 
 from mambascope.atomic import atomic_path
 from mambascope.errors import DataError
+from mambascope.hdf5_attrs import decode_attr, encode_attr
 
 FEATURE_SUFFIXES = (".h5", ".pt")
 _ROWS_PER_CHUNK = 512
@@ -62,44 +62,15 @@ def slide_id_from_path(path: str | Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix in FEATURE_SUFFIXES else path.name
 
 
-def _encode_attr(value: Any) -> Any:
-    """HDF5 stores numbers, strings and numeric arrays; mappings and other lists become JSON text."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return json.dumps(dict(value), sort_keys=True, default=str)
-    if isinstance(value, (list, tuple)) and not all(isinstance(v, (int, float)) for v in value):
-        return json.dumps(list(value), default=str)
-    return value
-
-
-def _decode_attr(key: str, value: Any) -> Any:
-    """Plain Python values from what HDF5 hands back (bytes, numpy scalars); our JSON attrs parsed."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str):
-        if key in JSON_ATTRS:
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError:
-                return value
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 def _write_attrs(target: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
     for key, value in attrs.items():
         if value is None:
             continue  # HDF5 has no null; an absent key reads back as absent
-        target.attrs[key] = _encode_attr(value)
+        target.attrs[key] = encode_attr(value)
 
 
 def _read_attrs(target: h5py.HLObject) -> dict[str, Any]:
-    return {key: _decode_attr(key, value) for key, value in target.attrs.items()}
+    return {key: decode_attr(key, value, JSON_ATTRS) for key, value in target.attrs.items()}
 
 
 class FeatureWriter:

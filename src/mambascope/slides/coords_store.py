@@ -15,6 +15,7 @@ import numpy as np
 
 from mambascope.atomic import atomic_path
 from mambascope.errors import DataError
+from mambascope.hdf5_attrs import decode_attr, encode_attr
 
 COORDS_KEY = "coords"
 #: the attributes mambascope writes; `read_coords` returns each (None where a file lacks it)
@@ -26,24 +27,6 @@ STANDARD_ATTRS = ("patch_size", "patch_size_level0", "patch_level", "target_magn
 def coords_path(out_dir: str | Path, slide_id: str) -> Path:
     """`<out>/coords/<slide_id>.h5`."""
     return Path(out_dir) / "coords" / f"{slide_id}.h5"
-
-
-def _to_hdf5(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return np.asarray(value)
-    return value
-
-
-def _from_hdf5(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _check_coords(coords: np.ndarray, path: Path) -> np.ndarray:
@@ -65,7 +48,7 @@ def write_coords(path: str | Path, coords: np.ndarray, attrs: Mapping[str, Any])
         dataset = handle.create_dataset(COORDS_KEY, data=array, maxshape=(None, 2))
         for key, value in attrs.items():
             if value is not None:
-                dataset.attrs[key] = _to_hdf5(value)
+                dataset.attrs[key] = encode_attr(value)
     return path
 
 
@@ -84,8 +67,8 @@ def read_coords(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             dataset = handle[COORDS_KEY]
             coords = _check_coords(dataset[()], path)
             attrs = {key: None for key in STANDARD_ATTRS}
-            attrs.update({k: _from_hdf5(v) for k, v in handle.attrs.items()})
-            attrs.update({k: _from_hdf5(v) for k, v in dataset.attrs.items()})
+            attrs.update({k: decode_attr(k, v) for k, v in handle.attrs.items()})
+            attrs.update({k: decode_attr(k, v) for k, v in dataset.attrs.items()})
     except OSError as exc:
         raise DataError(f"cannot read coordinates HDF5 ({exc})", path=path,
                         hint="the file is broken or incomplete; delete it and run `mambascope tile` again") from exc
