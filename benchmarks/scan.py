@@ -337,6 +337,10 @@ def run_gpu(args, rows, mamba_kind):
     shapes_2d = list(QUOTED_2DMAMBA)
     if args.quick:
         shapes_1d, shapes_2d = shapes_1d[:1], shapes_2d[:1]
+    if args.only == "1d":
+        shapes_2d = []
+    if args.only == "2d":
+        shapes_1d = []
     ref1 = scan_1d("reference")
     ref1_grad = scan_1d("torch")
     for i, (b, d, L, N, dt) in enumerate(shapes_1d):
@@ -378,13 +382,13 @@ def run_gpu(args, rows, mamba_kind):
         torch.cuda.empty_cache()
 
 
-def run_sweep(rows):
+def run_sweep(rows, only):
     """Time several Triton tile configurations on the headline shapes (for tuning the defaults)."""
     from mambascope.ssm.triton_scan import Scan1DConfig
     from mambascope.ssm.triton_scan2d import Scan2DConfig
 
     inputs = inputs_1d(1, 1024, 16384, 16, torch.bfloat16, "cuda", 7)
-    for cfg in SWEEP_1D:
+    for cfg in SWEEP_1D if only != "2d" else []:
         try:
             fwd, both, peak = measure(scan_1d("triton", Scan1DConfig(**cfg)), inputs, "cuda")
         except Exception as e:  # a configuration that does not compile is reported, not fatal
@@ -392,7 +396,7 @@ def run_sweep(rows):
             continue
         rows.append(Row("sweep1d", "1x1024x16384 N16", "bf16", "triton " + json.dumps(cfg), fwd, both, peak))
     inputs = inputs_2d(217, 387, 256, 16, torch.float32, "cuda", 8)
-    for cfg in SWEEP_2D:
+    for cfg in SWEEP_2D if only != "1d" else []:
         try:
             fwd, both, peak = measure(scan_2d("triton", Scan2DConfig(**cfg)), inputs, "cuda")
         except Exception as e:
@@ -413,17 +417,26 @@ SWEEP_1D = [
     dict(BD=32, programs=2048, warps=1, BD_BWD=64, warps_bwd=2),
 ]
 SWEEP_2D = [
-    dict(WB=32, BD=2, warps=2, R=4, CH=16, warps_bwd=8),
+    dict(),
+    dict(WB_BWD=32),
+    dict(WB_BWD=128),
+    dict(R=8),
+    dict(CH=32),
+    dict(warps_bwd=4),
+    dict(R=8, warps_bwd=4),
+    dict(WB_BWD=128, warps_bwd=16),
 ]
 
 
-def run_profile():
+def run_profile(only):
     """Per-kernel CUDA time of one forward+backward on the headline 1D and 2D shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     cases = [("1d 1x1024x16384 bf16", scan_1d("triton"), inputs_1d(1, 1024, 16384, 16, torch.bfloat16, "cuda", 5)),
              ("2d 217x387 dim256 fp32", scan_2d("triton"), inputs_2d(217, 387, 256, 16, torch.float32, "cuda", 6))]
     for name, f, inputs in cases:
+        if only is not None and not name.startswith(only):
+            continue
         gi = with_grad(inputs)
         for _ in range(3):
             f(gi).backward(torch.ones_like(f(gi)))
@@ -478,6 +491,7 @@ def main(argv=None) -> int:
     p.add_argument("--sdist-dir", type=Path, default=ROOT / ".whl")
     p.add_argument("--sweep", action="store_true", help="also time several Triton tile configurations")
     p.add_argument("--quick", action="store_true", help="only the first 1D and 2D shape")
+    p.add_argument("--only", choices=["1d", "2d"], help="only the 1D or only the 2D scans (checks, timings, sweep, profile)")
     p.add_argument("--torch-gpu", action="store_true", help="also time the torch backend on the GPU")
     p.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of the Triton scans")
     p.add_argument("--json", type=Path, help="write all rows here")
@@ -498,9 +512,9 @@ def main(argv=None) -> int:
             builder = subprocess.Popen([sys.executable, __file__, "--build-only", "--sdist-dir", str(args.sdist_dir)])
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
         if args.profile:
-            run_profile()
+            run_profile(args.only)
         if args.sweep:
-            run_sweep(rows)
+            run_sweep(rows, args.only)
         if builder is not None:
             t0 = time.time()
             code = builder.wait()

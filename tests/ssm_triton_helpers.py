@@ -69,7 +69,7 @@ def run_case(name: str) -> dict:
     # T=4 tiles, 2 channels a program, few programs wanted: short sequences still get several tiles,
     # several segments (the summary + chain path) and several backward channel blocks.
     cfg1 = Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
-    cfg2 = Scan2DConfig(WB=4, BD=2, warps=1, R=2, CH=2, warps_bwd=1)
+    cfg2 = Scan2DConfig(WB=4, programs=8, WB_BWD=8, BD_REV=2, warps_rev=1, R=2, CH=2, warps_bwd=1)
 
     def tri1(**kw):
         return selective_scan_triton(**kw, config=cfg1)

@@ -101,7 +101,7 @@ def shift_next(x, AXIS: tl.constexpr):
 def agg_kernel(
     v_ptr, dl_ptr, z_ptr, coef_ptr, A_ptr, bias_ptr, mask_ptr,
     S_ptr, agg_ptr, tile_ptr,
-    DIM, dpg, G, Lseq, LS, R_rows, seg_len, n_seg, n_tiles_seq, one,
+    DIM, dpg, G, Lseq, LS, R_rows, seg_len, n_seg, n_tiles_seq, save_every, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_MASK: tl.constexpr, SAVE_TILE: tl.constexpr,
@@ -112,9 +112,9 @@ def agg_kernel(
     R_rows = 1; 2D rows: R_rows = H). Forward (REVERSE False): drive `Δ u B`, the state left at the
     segment's end, summed over tiles from the end so each weight is one exponential of the Δ summed
     after the position. Adjoint (REVERSE True): drive `dout silu(z) C`, the carry `a[first] g[first]`
-    passed left. With SAVE_TILE the tiles go left to right and the state entering every tile is
-    stored too (the 2D row carries). Layout as in the main kernels: (T, BD) tiles, one channel a
-    thread, states unrolled.
+    passed left. With SAVE_TILE the tiles go left to right and the state entering every
+    `save_every` positions is stored too, channel-last (batch, R_rows, n_tiles_seq, N, DIM): the 2D
+    row carries. Layout as in the main kernels: (T, BD) tiles, one channel a thread, states unrolled.
     """
     pid_d = tl.program_id(0)
     pid_rs = tl.program_id(1)
@@ -142,7 +142,8 @@ def agg_kernel(
         offs_t = t0 + tr
         tm = (offs_t < Lseq)[:, None]
         if SAVE_TILE:
-            tl.store(tile_ptr + (seq[None, :] * n_tiles_seq + t0 // T) * N + nidx * one, H, mask=nmask)
+            sidx = ((pid_b * R_rows + r) * n_tiles_seq + t0 // save_every) * N + nidx
+            tl.store(tile_ptr + sidx * DIM + offs_d[None, :] * one, H, mask=nmask & (t0 % save_every == 0))
         xoff = seq[None, :] * LS + offs_t[:, None]
         raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
         valid = tm

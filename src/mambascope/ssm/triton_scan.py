@@ -293,7 +293,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
         agg_kernel[(n_dblk, n_seg, batch)](
             u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy, dummy,
             S, agg, dummy,
-            dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1,
+            dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1, 1,
             N=N, NP=NP, BD=BD, T=T, REVERSE=False, HAS_MASK=False, SAVE_TILE=False, **flags,
             num_warps=cfg.warps,
         )
@@ -334,7 +334,7 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
     agg_kernel[(n_dblk, n_seg, batch)](
         dout, delta, zt, Cg, A32, bt, dummy,
         S, agg, dummy,
-        dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1,
+        dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1, 1,
         N=N, NP=NP, BD=BD, T=T, REVERSE=True, HAS_MASK=False, SAVE_TILE=False, **flags,
         num_warps=cfg.warps_bwd,
     )

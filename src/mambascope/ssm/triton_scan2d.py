@@ -46,12 +46,18 @@ from mambascope.ssm.triton_common import (
 
 @dataclasses.dataclass(frozen=True)
 class Scan2DConfig:
-    """WB: columns per tile; BD: channels per forward program; R: rows per backward tile (and the
-    spacing of saved column states); CH: channels per backward program."""
+    """WB: columns per column block (a multiple of 4, at most 128: one forward warp spans it with 4
+    columns a thread and takes 128 / WB channels; also the spacing of the stored row carries and
+    the backward tile's width); programs: forward programs wanted (the grid is cut into row blocks
+    until there are this many); WB_BWD: the backward's tile width (a multiple of WB); R: rows per
+    backward tile (and the spacing of saved column states); BD_REV, warps_rev: channels and warps
+    of the backward's column-adjoint programs; CH: channels per backward program."""
 
     WB: int = 32
-    BD: int = 2
-    warps: int = 2
+    programs: int = 1024
+    WB_BWD: int = 64
+    BD_REV: int = 2
+    warps_rev: int = 2
     R: int = 4
     CH: int = 16
     warps_bwd: int = 8
@@ -59,63 +65,101 @@ class Scan2DConfig:
 
 def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2DConfig:
     if interpreting():
-        return Scan2DConfig(WB=4, BD=2, warps=1, R=2, CH=2, warps_bwd=1)
+        return Scan2DConfig(WB=4, programs=8, WB_BWD=8, BD_REV=2, warps_rev=1, R=2, CH=2, warps_bwd=1)
     return Scan2DConfig()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["one", "sd"])
 def _fwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, hrl_ptr,
-    out_ptr, htop_ptr,
-    DIM, dpg, G, H, W, n_cb, n_rb,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr,
+    rowc_ptr, top_ptr, out_ptr, S_ptr, agg_ptr, htop_ptr,
+    sb, sd, sh, sw,
+    DIM, dpg, G, H, W, n_cb, n_rb, RH, n_rs, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr, R: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
+    HAS_MASK: tl.constexpr, SUMMARY: tl.constexpr, HAS_TOP: tl.constexpr, SAVE: tl.constexpr,
 ):
+    # One warp: BD channels x WB columns (one column block), RH rows, top to bottom. Values are
+    # (NP, WB, BD) tensors: a thread holds 4 adjacent columns (one aligned 16-byte load; the wrapper
+    # pads the width to a multiple of 16) of one channel and all NP states, the lanes span the
+    # columns and the channels. So y = C.h sums in the thread, the column step is in the thread,
+    # and the row scan is 4 steps in the thread plus a few shuffles across the lanes of a row.
+    # States are unrolled; their offsets are multiplied by `one` (never specialised) and the
+    # channel stride is not specialised, so the compiler keeps them off the lanes.
+    # SUMMARY: no output; the column state left at the block's bottom from a zero top, and ΣΔ per
+    # column, for the column carries between row blocks. Otherwise the top carry comes from `top`
+    # (chained summaries) and, with SAVE, the column state entering every R-th row is stored.
     pid_d = tl.program_id(0)
-    cb = tl.program_id(1)
+    pid_t = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
+    rb = pid_t // n_cb
+    cb = pid_t % n_cb
     d0 = pid_d * BD
-    offs_d = d0 + tl.arange(0, BD)
+    offs_d = (d0 + tl.arange(0, BD))[None, None, :]
     g = d0 // dpg
-    offs_n = tl.arange(0, NP)
-    nm = offs_n < N
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=nm[None, :], other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d)[:, None] if HAS_BIAS else 0.0
+    nidx = tl.arange(0, NP)[:, None, None]
+    nmask = nidx < N
+    tr = tl.arange(0, WB)[None, :, None]
+    first = tr == 0
+    zero_d = offs_d * 0
+    A2 = tl.load(A_ptr + offs_d * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d) if HAS_BIAS else 0.0
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d)[:, None]
-    cols = cb * WB + tl.arange(0, WB)
-    cm = cols < W
+        Dv = tl.load(D_ptr + offs_d)
     seq = pid_b * DIM + offs_d
-    bc_base = ((pid_b * G + g) * N + offs_n[:, None]) * H * W + cols[None, :]
-    bc_mask = nm[:, None] & cm[None, :]
-    V = tl.zeros((BD, NP, WB), dtype=tl.float32)
-    for i in range(H):
+    row0 = rb * RH
+    n_rows = tl.minimum(RH, H - row0)
+    bc_base = (pid_b * G + g) * N * H * W
+    col = cb * WB + tr
+    cm = col < W
+    cidx = (seq * W + col) * n_rs + rb
+    if HAS_TOP:
+        V = tl.load(top_ptr + cidx * N + nidx * one, mask=nmask & cm, other=0.0)
+    else:
+        V = tl.zeros((NP, WB, BD), dtype=tl.float32)
+    colsum = tl.zeros((1, WB, BD), dtype=tl.float32)
+    for ii in range(n_rows):
+        i = row0 + ii
         if SAVE:
-            sptr = htop_ptr + ((seq[:, None, None] * n_rb + i // R) * N + offs_n[None, :, None]) * W + cols[None, None, :]
-            tl.store(sptr, V, mask=nm[None, :, None] & cm[None, None, :] & (i % R == 0))
-        xoff = (seq[:, None] * H + i) * W + cols[None, :]
+            sptr = htop_ptr + ((seq * n_rb + i // R) * N + nidx * one) * W + col
+            tl.store(sptr, V, mask=nmask & cm & (i % R == 0))
+        xoff = pid_b * sb + offs_d * sd + i * sh + col * sw
         valid = cm
         if HAS_MASK:
-            mk = tl.load(mask_ptr + (pid_b * H + i) * W + cols, mask=cm, other=0)
+            mk = tl.load(mask_ptr + (pid_b * H + i) * W + col + zero_d, mask=cm, other=0)
             valid = valid & (mk != 0)
-        raw = tl.load(dl_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
-        dt = tl.where(valid[None, :], delta_act(raw, bias, SOFTPLUS), 0.0)
-        Bt = tl.load(B_ptr + bc_base + i * W, mask=bc_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_base + i * W, mask=bc_mask, other=0.0).to(tl.float32)
-        dA = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        Hl = tl.load(hrl_ptr + ((seq[:, None] * H + i) * n_cb + cb) * N + offs_n[None, :], mask=nm[None, :], other=0.0)
-        ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
-        V = dA * V + ap * Hl[:, :, None] + bp
-        y = tl.sum(Ct[None, :, :] * V, axis=1)
-        if HAS_D:
-            y += Dv * u
-        if HAS_Z:
-            zz = tl.load(z_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(out_ptr + xoff, y, mask=cm[None, :])
+        raw = tl.load(dl_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
+        dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
+        colsum += dt
+        dtu = dt * u
+        Hl = tl.load(rowc_ptr + (((pid_b * H + i) * n_cb + cb) * N + nidx) * DIM + offs_d * one, mask=nmask, other=0.0)
+        y = tl.zeros((1, WB, BD), dtype=tl.float32)
+        for n in tl.static_range(N):
+            sel = nidx == n
+            An = tl.sum(tl.where(sel, A2, 0.0), axis=0, keep_dims=True)
+            Hn = tl.sum(tl.where(sel, Hl, 0.0), axis=0, keep_dims=True)
+            Vn = tl.sum(tl.where(sel, V, 0.0), axis=0, keep_dims=True)
+            boff = bc_base + n * H * W + i * W + col + zero_d
+            Bn = tl.load(B_ptr + boff, mask=cm, other=0.0).to(tl.float32)
+            a = tl.exp2(dt * An)
+            x = dtu * Bn + tl.where(first, a * Hn, 0.0)
+            _, r = tl.associative_scan((a, x), axis=1, combine_fn=lin_combine)
+            Vn = a * Vn + r
+            V = tl.where(sel, Vn, V)
+            if not SUMMARY:
+                Cn = tl.load(C_ptr + boff, mask=cm, other=0.0).to(tl.float32)
+                y += Cn * Vn
+        if not SUMMARY:
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                zz = tl.load(z_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(out_ptr + xoff, y, mask=cm)
+    if SUMMARY:
+        tl.store(S_ptr + cidx, colsum, mask=cm)
+        tl.store(agg_ptr + cidx * N + nidx * one, V, mask=nmask & cm)
 
 
 @triton.jit
@@ -173,7 +217,7 @@ def _bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, dout_ptr,
     hrl_ptr, htop_ptr, gbot_ptr, ghr_ptr,
     du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr,
-    DIM, dpg, G, H, W, n_cb, n_rb, n_chblk,
+    DIM, dpg, G, H, W, n_cb, n_rb, n_chblk, n_cbf, cbf_step,
     N: tl.constexpr, NP: tl.constexpr, WB: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -231,7 +275,8 @@ def _bwd_kernel(
         x = dtu[None, :, :] * Bt
         # recompute the row states r and the column states h of the tile
         row_idx = ((seq * H + rows[None, :]) * n_cb + cb) * N + offs_n[:, None]  # (NP, R)
-        hl = tl.load(hrl_ptr + row_idx, mask=nm[:, None] & rm[None, :], other=0.0)
+        hl_idx = (((pid_b * H + rows[None, :]) * n_cbf + cb * cbf_step) * N + offs_n[:, None]) * DIM + d
+        hl = tl.load(hrl_ptr + hl_idx, mask=nm[:, None] & rm[None, :], other=0.0)
         ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
         hr = ap * hl[:, :, None] + bp
         col_idx = ((seq * n_rb + rb) * N + offs_n[:, None]) * W + cols[None, :]  # (NP, WB)
@@ -281,50 +326,73 @@ def _bwd_kernel(
 
 
 def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
-    """The row state entering every column block of every row: (batch*dim*H, n_cb, N)."""
+    """The row state entering every column block of every row, channel-last: (batch, H, n_cb, N, dim)."""
     batch, dim, H, W = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
-    BD = largest_pow2_divisor(dpg, cfg.BD)
+    BD = largest_pow2_divisor(dpg, 32)
     n_cb = triton.cdiv(W, cfg.WB)
     f32 = dict(device=u.device, dtype=torch.float32)
-    hrl = torch.empty(batch * dim * H, n_cb, N, **f32)
+    rowc = torch.empty(batch, H, n_cb, N, dim, **f32)
     S = torch.empty(batch * dim * H, **f32)
     agg = torch.empty(batch * dim * H, N, **f32)
     dummy = A32
     agg_kernel[(dim // BD, H, batch)](
         u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy,
         mask8 if mask8 is not None else dummy,
-        S, agg, hrl,
-        dim, dpg, G, W, W, H, W, 1, n_cb, 1,
-        N=N, NP=pow2(N), BD=BD, T=cfg.WB, REVERSE=False, HAS_Z=False, HAS_BIAS=bias32 is not None,
+        S, agg, rowc,
+        dim, dpg, G, W, W, H, W, 1, n_cb, cfg.WB, 1,
+        N=N, NP=pow2(N), BD=BD, T=4, REVERSE=False, HAS_Z=False, HAS_BIAS=bias32 is not None,
         SOFTPLUS=softplus, HAS_MASK=mask8 is not None, SAVE_TILE=True,
-        num_warps=cfg.warps,
+        num_warps=1,
     )
-    return hrl
+    return rowc
+
+
+def _row_blocks(batch: int, n_dblk: int, n_cb: int, H: int, cfg: Scan2DConfig) -> tuple[int, int]:
+    """(rows per block, blocks): the grid is cut into row blocks until there are about
+    `cfg.programs` programs; a block is a whole number of R-row save spans."""
+    want = max(1, min(triton.cdiv(H, cfg.R), cfg.programs // max(1, batch * n_dblk * n_cb)))
+    rows = triton.cdiv(triton.cdiv(H, want), cfg.R) * cfg.R
+    return rows, triton.cdiv(H, rows)
 
 
 def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save, cfg):
     batch, dim, H, W = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
-    BD = largest_pow2_divisor(dpg, cfg.BD)
+    BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB))
     n_cb = triton.cdiv(W, cfg.WB)
     n_rb = triton.cdiv(H, cfg.R)
-    hrl = _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg)
+    RH, n_rs = _row_blocks(batch, dim // BD, n_cb, H, cfg)
+    f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
+    rowc = _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg)
+
+    def sweep(top, out, S, agg, htop, summary):
+        _fwd_kernel[(dim // BD, n_rs * n_cb, batch)](
+            u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, z if z is not None else dummy,
+            bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy,
+            rowc, top, out, S, agg, htop,
+            *u.stride(),
+            dim, dpg, G, H, W, n_cb, n_rb, RH, n_rs, 1,
+            N=N, NP=pow2(N), BD=BD, WB=cfg.WB, R=cfg.R,
+            HAS_D=D32 is not None, HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus,
+            HAS_MASK=mask8 is not None, SUMMARY=summary, HAS_TOP=top is not dummy, SAVE=htop is not dummy,
+            num_warps=1,
+        )
+
+    top = dummy
+    if n_rs > 1:
+        S = torch.empty(batch * dim * W, n_rs, **f32)
+        agg = torch.empty(batch * dim * W, n_rs, N, **f32)
+        sweep(dummy, dummy, S, agg, dummy, summary=True)
+        top, _ = chain_segments(S, agg, A32, W, dim, reverse=False)
+        del S, agg
     out = torch.empty_like(u)
-    htop = torch.empty(batch * dim, n_rb, N, W, device=u.device, dtype=torch.float32) if save else dummy
-    _fwd_kernel[(dim // BD, n_cb, batch)](
-        u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, z if z is not None else dummy,
-        bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy, hrl,
-        out, htop,
-        dim, dpg, G, H, W, n_cb, n_rb,
-        N=N, NP=pow2(N), BD=BD, WB=cfg.WB, R=cfg.R, HAS_D=D32 is not None, HAS_Z=z is not None,
-        HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_MASK=mask8 is not None, SAVE=save,
-        num_warps=cfg.warps,
-    )
-    return out, (hrl if save else None), (htop if save else None)
+    htop = torch.empty(batch * dim, n_rb, N, W, **f32) if save else dummy
+    sweep(top, out, dummy, dummy, htop, summary=False)
+    return out, (rowc if save else None), (htop if save else None)
 
 
 def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl, htop, cfg):
@@ -332,7 +400,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     NP = pow2(N)
-    n_cb = triton.cdiv(W, cfg.WB)
+    n_cb = triton.cdiv(W, cfg.WB_BWD)
     n_rb = triton.cdiv(H, cfg.R)
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
@@ -340,7 +408,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     bt = bias32 if bias32 is not None else dummy
     mt = mask8 if mask8 is not None else dummy
     flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_MASK=mask8 is not None)
-    BD = largest_pow2_divisor(dpg, cfg.BD)
+    BD = largest_pow2_divisor(dpg, cfg.BD_REV)
     gbot = torch.empty(batch * dim, n_rb, N, W, **f32)
     S = torch.empty(batch * dim * H, n_cb, **f32)
     agg = torch.empty(batch * dim * H, n_cb, N, **f32)
@@ -348,8 +416,8 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
         dout, delta, A32, Cg, zt, bt, mt,
         gbot, S, agg,
         dim, dpg, G, H, W, n_cb, n_rb,
-        N=N, NP=NP, BD=BD, WB=cfg.WB, R=cfg.R, **flags,
-        num_warps=cfg.warps,
+        N=N, NP=NP, BD=BD, WB=cfg.WB_BWD, R=cfg.R, **flags,
+        num_warps=cfg.warps_rev,
     )
     ghr, _ = chain_segments(S, agg, A32, H, dim, reverse=True)
     del S, agg
@@ -368,8 +436,8 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
         u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, mt, dout,
         hrl, htop, gbot, ghr,
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
-        dim, dpg, G, H, W, n_cb, n_rb, n_chblk,
-        N=N, NP=NP, WB=cfg.WB, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags,
+        dim, dpg, G, H, W, n_cb, n_rb, n_chblk, triton.cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
+        N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags,
         num_warps=cfg.warps_bwd,
     )
     per_group = n_chblk // G
@@ -383,13 +451,22 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     )
 
 
+def _pad_width(t: Tensor, pad: int) -> Tensor:
+    """t contiguous, with `pad` zero (False) columns added on the right."""
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t.contiguous()
+
+
 class _SelectiveScan2D(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask, cfg):
-        uc, dc = u.contiguous(), delta.contiguous()
-        zc = z.contiguous() if z is not None else None
-        Bg = (B.unsqueeze(1) if B.dim() == u.dim() else B).contiguous()
-        Cg = (C.unsqueeze(1) if C.dim() == u.dim() else C).contiguous()
+        # Zero columns on the right change no real cell (the row pass runs left to right and each
+        # column's pass stays in its column) and make every row start 16-element aligned.
+        pad = -u.shape[-1] % 16
+        uc, dc = _pad_width(u, pad), _pad_width(delta, pad)
+        zc = _pad_width(z, pad) if z is not None else None
+        Bg = _pad_width(B.unsqueeze(1) if B.dim() == u.dim() else B, pad)
+        Cg = _pad_width(C.unsqueeze(1) if C.dim() == u.dim() else C, pad)
+        mask = _pad_width(mask, pad) if mask is not None else None
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
         mask8 = mask.contiguous().view(torch.uint8) if mask is not None else None
@@ -400,15 +477,20 @@ class _SelectiveScan2D(torch.autograd.Function):
             ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop)
             ctx.meta = (delta_softplus, cfg, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
                                                                         for t in (A, B, C, D, delta_bias)))
-        return out
+        ctx.pad = pad
+        return out[..., : u.shape[-1]] if pad else out
 
     @staticmethod
     def backward(ctx, dout):
         uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop = ctx.saved_tensors
         softplus, cfg, was_grouped, dtypes = ctx.meta
+        pad = ctx.pad
         du, ddl, dA, dB, dC, dD, dz, db = _backward(
-            dout.contiguous(), uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, mask8, hrl, htop, cfg,
+            _pad_width(dout, pad), uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, mask8, hrl, htop, cfg,
         )
+        if pad:
+            du, ddl, dB, dC = (t[..., :-pad] for t in (du, ddl, dB, dC))
+            dz = dz[..., :-pad] if dz is not None else None
         if not was_grouped:
             dB, dC = dB[:, 0], dC[:, 0]
         tA, tB, tC, tD, tbias = dtypes
