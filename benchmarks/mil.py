@@ -77,6 +77,15 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak_kind = "process RSS MiB"
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(i)
+            sync()
+        print(f"\nprofile {name} (3 steps):\n"
+              + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
     params = sum(p.numel() for p in model.parameters())
     queue.put({"model": name, "epoch_s": seconds_per_bag * args.bags, "bag_ms": seconds_per_bag * 1e3,
                "peak_mib": peak, "peak_kind": peak_kind, "params": params, "timed_steps": timed})
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timed-steps", type=int, default=None, help="time this many steps and extrapolate")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", action="store_true", help="print each model's top CUDA kernels over 3 steps")
     args = parser.parse_args(argv)
     if REFERENCE not in args.models:
         args.models.insert(0, REFERENCE)

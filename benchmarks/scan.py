@@ -418,13 +418,11 @@ SWEEP_1D = [
 ]
 SWEEP_2D = [
     dict(),
+    dict(warps_bwd=2),
+    dict(CH=32),
     dict(WB_BWD=32),
     dict(WB_BWD=128),
     dict(R=8),
-    dict(CH=32),
-    dict(warps_bwd=4),
-    dict(R=8, warps_bwd=4),
-    dict(WB_BWD=128, warps_bwd=16),
 ]
 
 

@@ -119,6 +119,20 @@ def test_auto_picks_torch_on_cpu():
     assert resolve_backend("auto", u, two_d=True) == "torch"
 
 
+def test_auto_picks_triton_on_cuda_even_with_mamba_ssm_installed(monkeypatch):
+    from mambascope.ssm import dispatch
+
+    class CudaLike:
+        is_cuda = True
+
+    everything = {"reference": True, "torch": True, "triton": True, "mamba_ssm": True}
+    monkeypatch.setattr(dispatch, "available_backends", lambda: everything)
+    assert resolve_backend("auto", CudaLike(), two_d=False) == "triton"
+    assert resolve_backend("auto", CudaLike(), two_d=True) == "triton"
+    monkeypatch.setattr(dispatch, "available_backends", lambda: {**everything, "triton": False})
+    assert resolve_backend("auto", CudaLike(), two_d=False) == "torch"
+
+
 def test_unknown_or_unavailable_backend_is_a_config_error():
     args = scan_args(1, 2, (4,), 2)
     with pytest.raises(ConfigError, match="unknown scan backend"):

@@ -52,8 +52,6 @@ def resolve_backend(backend: str, u: Tensor, two_d: bool) -> str:
         raise ConfigError(f"unknown scan backend {backend!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
     available = available_backends()
     if backend == "auto":
-        if u.is_cuda and not two_d and available["mamba_ssm"]:
-            return "mamba_ssm"
         if u.is_cuda and available["triton"]:
             return "triton"
         return "torch"

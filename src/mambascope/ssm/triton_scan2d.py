@@ -60,7 +60,7 @@ class Scan2DConfig:
     warps_rev: int = 2
     R: int = 4
     CH: int = 16
-    warps_bwd: int = 8
+    warps_bwd: int = 4
 
 
 def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2DConfig:
