@@ -418,11 +418,10 @@ SWEEP_1D = [
 ]
 SWEEP_2D = [
     dict(),
-    dict(warps_bwd=2),
+    dict(WB=16, WB_BWD=32),
+    dict(WB=64, WB_BWD=64),
+    dict(programs=512),
     dict(CH=32),
-    dict(WB_BWD=32),
-    dict(WB_BWD=128),
-    dict(R=8),
 ]
 
 

@@ -6,8 +6,9 @@ summary over any stretch of positions: the decay over the stretch is `exp(A ΣΔ
 state, not per position) and the state it leaves behind from a zero start is
 `Σ_s exp(A (ΣΔ after s)) x[s]`. `agg_kernel` computes those summaries (one exponential per element,
 no scan), `combine_kernel` chains them across stretches with an associative scan, and the main
-kernels then start every tile from its exact entering state. The same two kernels serve the adjoint
-(right-to-left) recurrence of the backward passes.
+kernels then start every tile from its exact entering state. The same kernels serve the adjoint
+(right-to-left) recurrence of the backward passes; the 2D scans chain their row and column
+summaries with `combine_kernel` too.
 """
 
 from __future__ import annotations
@@ -99,28 +100,23 @@ def shift_next(x, AXIS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["one"])
 def agg_kernel(
-    v_ptr, dl_ptr, z_ptr, coef_ptr, A_ptr, bias_ptr, mask_ptr,
-    S_ptr, agg_ptr, tile_ptr,
-    DIM, dpg, G, Lseq, LS, R_rows, seg_len, n_seg, n_tiles_seq, save_every, one,
+    v_ptr, dl_ptr, z_ptr, coef_ptr, A_ptr, bias_ptr,
+    S_ptr, agg_ptr,
+    DIM, dpg, G, Lseq, LS, seg_len, n_seg, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_MASK: tl.constexpr, SAVE_TILE: tl.constexpr,
 ):
-    """Summaries (ΣΔ, zero-start state) of one segment of one sequence for BD channels.
+    """Summaries (ΣΔ, zero-start state) of one segment of one 1D sequence for BD channels (Lseq
+    positions, row stride LS).
 
-    A sequence is row `r` of channel `d` in batch `b`: Lseq positions with row stride LS (1D:
-    R_rows = 1; 2D rows: R_rows = H). Forward (REVERSE False): drive `Δ u B`, the state left at the
-    segment's end, summed over tiles from the end so each weight is one exponential of the Δ summed
-    after the position. Adjoint (REVERSE True): drive `dout silu(z) C`, the carry `a[first] g[first]`
-    passed left. With SAVE_TILE the tiles go left to right and the state entering every
-    `save_every` positions is stored too, channel-last (batch, R_rows, n_tiles_seq, N, DIM): the 2D
-    row carries. Layout as in the main kernels: (T, BD) tiles, one channel a thread, states unrolled.
+    Forward (REVERSE False): drive `Δ u B`, the state left at the segment's end, summed over tiles
+    from the end so each weight is one exponential of the Δ summed after the position. Adjoint
+    (REVERSE True): drive `dout silu(z) C`, the carry `a[first] g[first]` passed left. Layout as in
+    the main kernels: (T, BD) tiles, one channel a thread, states unrolled.
     """
     pid_d = tl.program_id(0)
-    pid_rs = tl.program_id(1)
+    s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    r = pid_rs // n_seg
-    s = pid_rs % n_seg
     d0 = pid_d * BD
     offs_d = d0 + tl.arange(0, BD)
     g = d0 // dpg
@@ -128,29 +124,22 @@ def agg_kernel(
     nmask = nidx < N
     A2 = tl.load(A_ptr + offs_d[None, :] * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
     bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
-    seq = (pid_b * DIM + offs_d) * R_rows + r  # (BD,)
+    seq = pid_b * DIM + offs_d  # (BD,)
     zero_d = (offs_d * 0)[None, :]
-    cbase = ((pid_b * G + g) * N * R_rows + r) * LS
+    cbase = (pid_b * G + g) * N * LS
     tr = tl.arange(0, T)
     H = tl.zeros((NP, BD), dtype=tl.float32)
     run = tl.zeros((1, BD), dtype=tl.float32)  # Δ summed over the tiles already visited
     t_lo = s * seg_len
     n_t = tl.cdiv(tl.minimum(seg_len, Lseq - t_lo), T)
     for k in range(n_t):
-        kk = k if REVERSE or SAVE_TILE else n_t - 1 - k
+        kk = k if REVERSE else n_t - 1 - k
         t0 = t_lo + kk * T
         offs_t = t0 + tr
         tm = (offs_t < Lseq)[:, None]
-        if SAVE_TILE:
-            sidx = ((pid_b * R_rows + r) * n_tiles_seq + t0 // save_every) * N + nidx
-            tl.store(tile_ptr + sidx * DIM + offs_d[None, :] * one, H, mask=nmask & (t0 % save_every == 0))
         xoff = seq[None, :] * LS + offs_t[:, None]
         raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-        valid = tm
-        if HAS_MASK:
-            mk = tl.load(mask_ptr + (pid_b * R_rows + r) * LS + offs_t[:, None] + zero_d, mask=tm, other=0)
-            valid = valid & (mk != 0)
-        dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
         v = tl.load(v_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
         if REVERSE:
             if HAS_Z:
@@ -160,22 +149,13 @@ def agg_kernel(
             v = dt * v
         cs = tl.cumsum(dt, axis=0)
         tot = tl.sum(dt, axis=0)[None, :]
-        if REVERSE:
-            e = run + cs
-        elif SAVE_TILE:
-            e = tot - cs
-        else:
-            e = run + (tot - cs)
+        e = run + cs if REVERSE else run + (tot - cs)
         for n in tl.static_range(N):
             sel = nidx == n
             An = tl.sum(tl.where(sel, A2, 0.0), axis=0)[None, :]
-            cf = tl.load(coef_ptr + cbase + n * R_rows * LS + offs_t[:, None] + zero_d, mask=tm, other=0.0)
+            cf = tl.load(coef_ptr + cbase + n * LS + offs_t[:, None] + zero_d, mask=tm, other=0.0)
             contrib = tl.sum(tl.exp2(An * e) * v * cf.to(tl.float32), axis=0)[None, :]
-            if SAVE_TILE:
-                Hn = tl.sum(tl.where(sel, H, 0.0), axis=0)[None, :]
-                H = tl.where(sel, tl.exp2(An * tot) * Hn + contrib, H)
-            else:
-                H = tl.where(sel, H + contrib, H)
+            H = tl.where(sel, H + contrib, H)
         run += tot
     sidx = seq * n_seg + s
     tl.store(S_ptr + sidx[None, :], run)

@@ -291,10 +291,10 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
         S = torch.empty(batch * dim, n_seg, **f32)
         agg = torch.empty(batch * dim, n_seg, N, **f32)
         agg_kernel[(n_dblk, n_seg, batch)](
-            u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy, dummy,
-            S, agg, dummy,
-            dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1, 1,
-            N=N, NP=NP, BD=BD, T=T, REVERSE=False, HAS_MASK=False, SAVE_TILE=False, **flags,
+            u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy,
+            S, agg,
+            dim, dpg, G, L, LS, seg_len, n_seg, 1,
+            N=N, NP=NP, BD=BD, T=T, REVERSE=False, **flags,
             num_warps=cfg.warps,
         )
         carry, _ = chain_segments(S, agg, A32, 1, dim, reverse=False, channel_last=True)
@@ -332,10 +332,10 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
     S = torch.empty(batch * dim, n_seg, **f32)
     agg = torch.empty(batch * dim, n_seg, N, **f32)
     agg_kernel[(n_dblk, n_seg, batch)](
-        dout, delta, zt, Cg, A32, bt, dummy,
-        S, agg, dummy,
-        dim, dpg, G, L, LS, 1, seg_len, n_seg, n_tiles, 1, 1,
-        N=N, NP=NP, BD=BD, T=T, REVERSE=True, HAS_MASK=False, SAVE_TILE=False, **flags,
+        dout, delta, zt, Cg, A32, bt,
+        S, agg,
+        dim, dpg, G, L, LS, seg_len, n_seg, 1,
+        N=N, NP=NP, BD=BD, T=T, REVERSE=True, **flags,
         num_warps=cfg.warps_bwd,
     )
     init = None if dlast is None else dlast.to(torch.float32).reshape(batch * dim, N).contiguous()

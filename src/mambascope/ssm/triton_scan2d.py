@@ -3,12 +3,20 @@
 Recurrence per channel and state: row pass `r[i,j] = a[i,j] r[i,j-1] + Δ B u`, column pass
 `h[i,j] = a[i,j] h[i-1,j] + r[i,j]`, `a = exp(Δ A)`, `y = C·h + D u`, z gate; masked cells have Δ = 0.
 
-Forward, two launches:
-1. `agg_kernel` walks every row in blocks of WB columns and stores the row state entering each
-   column block (one exponential per element, no scan).
-2. `_fwd_kernel`: one program per (batch, BD channels, column block) walks the rows top to bottom,
-   scans its row segment from the stored carry, and keeps the column state of its WB columns in
-   registers. Every R rows it stores that column state (N/R of the input, float32) for the backward.
+Layout of the forward kernels: a warp spans a column block of WB columns for 128 / WB channels, a
+thread holds 4 adjacent columns (one aligned 16-byte load: the width is padded to a multiple of 16)
+and all N states of one channel. The sum C·h and the column step stay in the thread; the row scan is
+4 steps in the thread plus a few shuffles between the lanes of the block.
+
+Forward:
+1. `_row_carry_kernel`: one warp per row walks the column blocks left to right and stores the row
+   state entering each (N/WB of the input, float32).
+2. When batch × channels × column blocks gives too few programs to fill the GPU, the grid is cut
+   into row blocks: `_fwd_kernel` in summary mode gives each row block's bottom column state from a
+   zero top, and `chain_segments` turns those into the column state entering every row block.
+3. `_fwd_kernel`: one warp per (channels, column block, row block) walks its rows top to bottom,
+   scans each row from the stored row carry, keeps the column state of its columns in registers,
+   writes y. Every R rows it stores that column state (N/R of the input, float32) for the backward.
 
 Backward, three launches plus a small chain:
 1. `_vrev_kernel` walks rows bottom to top per column block, running the adjoint of the column pass
@@ -31,7 +39,6 @@ import triton.language as tl
 from torch import Tensor
 
 from mambascope.ssm.triton_common import (
-    agg_kernel,
     as_f32,
     chain_segments,
     check_device,
@@ -55,7 +62,7 @@ class Scan2DConfig:
 
     WB: int = 32
     programs: int = 1024
-    WB_BWD: int = 64
+    WB_BWD: int = 32
     BD_REV: int = 2
     warps_rev: int = 2
     R: int = 4
@@ -67,6 +74,71 @@ def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2D
     if interpreting():
         return Scan2DConfig(WB=4, programs=8, WB_BWD=8, BD_REV=2, warps_rev=1, R=2, CH=2, warps_bwd=1)
     return Scan2DConfig()
+
+
+@triton.jit
+def _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, moff, cm, bias, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Δ (zero on masked cells) and u of one row of a column block, as float32."""
+    valid = cm
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + moff, mask=cm, other=0)
+        valid = valid & (mk != 0)
+    raw = tl.load(dl_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
+    return tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0), u
+
+
+@triton.jit
+def _row_scan(dt, dtu, A2, Hl, B_ptr, boff, cm, sel, first):
+    """For state `sel`: the decay a and the row state r across the block's columns, starting from
+    the row carry Hl entering the block."""
+    An = tl.sum(tl.where(sel, A2, 0.0), axis=0, keep_dims=True)
+    Hn = tl.sum(tl.where(sel, Hl, 0.0), axis=0, keep_dims=True)
+    Bn = tl.load(B_ptr + boff, mask=cm, other=0.0).to(tl.float32)
+    a = tl.exp2(dt * An)
+    x = dtu * Bn + tl.where(first, a * Hn, 0.0)
+    _, r = tl.associative_scan((a, x), axis=1, combine_fn=lin_combine)
+    return a, r
+
+
+@triton.jit(do_not_specialize=["one", "sd"])
+def _row_carry_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, mask_ptr, rowc_ptr,
+    sb, sd, sh, sw,
+    DIM, dpg, G, H, W, n_cb, one,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    # One warp: one row, BD channels, walking the column blocks left to right in `_fwd_kernel`'s
+    # layout; stores the row state entering every block (channel-last) and carries the state
+    # leaving each block (its last column, gathered across the lanes) into the next.
+    pid_d = tl.program_id(0)
+    i = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d0 = pid_d * BD
+    offs_d = (d0 + tl.arange(0, BD))[None, None, :]
+    g = d0 // dpg
+    nidx = tl.arange(0, NP)[:, None, None]
+    nmask = nidx < N
+    tr = tl.arange(0, WB)[None, :, None]
+    first = tr == 0
+    lastc = tr == WB - 1
+    zero_d = offs_d * 0
+    A2 = tl.load(A_ptr + offs_d * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d) if HAS_BIAS else 0.0
+    bc_row = (pid_b * G + g) * N * H * W + i * W
+    Hl = tl.zeros((NP, 1, BD), dtype=tl.float32)
+    for cb in range(n_cb):
+        tl.store(rowc_ptr + (((pid_b * H + i) * n_cb + cb) * N + nidx) * DIM + offs_d * one, Hl, mask=nmask)
+        col = cb * WB + tr
+        cm = col < W
+        dt, u = _row_inputs(u_ptr, dl_ptr, mask_ptr, pid_b * sb + offs_d * sd + i * sh + col * sw,
+                            (pid_b * H + i) * W + col + zero_d, cm, bias, SOFTPLUS, HAS_MASK)
+        dtu = dt * u
+        for n in tl.static_range(N):
+            sel = nidx == n
+            _, r = _row_scan(dt, dtu, A2, Hl, B_ptr, bc_row + n * H * W + col + zero_d, cm, sel, first)
+            Hl = tl.where(sel, tl.sum(tl.where(lastc, r, 0.0), axis=1, keep_dims=True), Hl)
 
 
 @triton.jit(do_not_specialize=["one", "sd"])
@@ -124,28 +196,17 @@ def _fwd_kernel(
             sptr = htop_ptr + ((seq * n_rb + i // R) * N + nidx * one) * W + col
             tl.store(sptr, V, mask=nmask & cm & (i % R == 0))
         xoff = pid_b * sb + offs_d * sd + i * sh + col * sw
-        valid = cm
-        if HAS_MASK:
-            mk = tl.load(mask_ptr + (pid_b * H + i) * W + col + zero_d, mask=cm, other=0)
-            valid = valid & (mk != 0)
-        raw = tl.load(dl_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
-        dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
+        dt, u = _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, (pid_b * H + i) * W + col + zero_d, cm, bias,
+                            SOFTPLUS, HAS_MASK)
         colsum += dt
         dtu = dt * u
         Hl = tl.load(rowc_ptr + (((pid_b * H + i) * n_cb + cb) * N + nidx) * DIM + offs_d * one, mask=nmask, other=0.0)
         y = tl.zeros((1, WB, BD), dtype=tl.float32)
         for n in tl.static_range(N):
             sel = nidx == n
-            An = tl.sum(tl.where(sel, A2, 0.0), axis=0, keep_dims=True)
-            Hn = tl.sum(tl.where(sel, Hl, 0.0), axis=0, keep_dims=True)
-            Vn = tl.sum(tl.where(sel, V, 0.0), axis=0, keep_dims=True)
             boff = bc_base + n * H * W + i * W + col + zero_d
-            Bn = tl.load(B_ptr + boff, mask=cm, other=0.0).to(tl.float32)
-            a = tl.exp2(dt * An)
-            x = dtu * Bn + tl.where(first, a * Hn, 0.0)
-            _, r = tl.associative_scan((a, x), axis=1, combine_fn=lin_combine)
-            Vn = a * Vn + r
+            a, r = _row_scan(dt, dtu, A2, Hl, B_ptr, boff, cm, sel, first)
+            Vn = a * tl.sum(tl.where(sel, V, 0.0), axis=0, keep_dims=True) + r
             V = tl.where(sel, Vn, V)
             if not SUMMARY:
                 Cn = tl.load(C_ptr + boff, mask=cm, other=0.0).to(tl.float32)
@@ -330,20 +391,16 @@ def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
     batch, dim, H, W = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
-    BD = largest_pow2_divisor(dpg, 32)
+    BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB))
     n_cb = triton.cdiv(W, cfg.WB)
-    f32 = dict(device=u.device, dtype=torch.float32)
-    rowc = torch.empty(batch, H, n_cb, N, dim, **f32)
-    S = torch.empty(batch * dim * H, **f32)
-    agg = torch.empty(batch * dim * H, N, **f32)
+    rowc = torch.empty(batch, H, n_cb, N, dim, device=u.device, dtype=torch.float32)
     dummy = A32
-    agg_kernel[(dim // BD, H, batch)](
-        u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy,
-        mask8 if mask8 is not None else dummy,
-        S, agg, rowc,
-        dim, dpg, G, W, W, H, W, 1, n_cb, cfg.WB, 1,
-        N=N, NP=pow2(N), BD=BD, T=4, REVERSE=False, HAS_Z=False, HAS_BIAS=bias32 is not None,
-        SOFTPLUS=softplus, HAS_MASK=mask8 is not None, SAVE_TILE=True,
+    _row_carry_kernel[(dim // BD, H, batch)](
+        u, delta, A32, Bg, bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy, rowc,
+        *u.stride(),
+        dim, dpg, G, H, W, n_cb, 1,
+        N=N, NP=pow2(N), BD=BD, WB=cfg.WB,
+        HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_MASK=mask8 is not None,
         num_warps=1,
     )
     return rowc
