@@ -16,7 +16,7 @@ import torch
 
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16",
-    "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_padding_ignored",
+    "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored",
 )
 
 
@@ -114,6 +114,12 @@ def run_case(name: str) -> dict:
                        lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
     if name == "2d_single_cell":
         x = scan_inputs(gen, 1, 2, (1, 1), 2, 1, False)
+        return compare(lambda **k: tri2(**k, delta_softplus=True),
+                       lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
+    if name == "2d_aligned_width":
+        # a width of 16 needs no padding columns; 4 column blocks, several row blocks
+        x = scan_inputs(gen, 1, 2, (6, 16), 3, 1, False)
+        x["mask"] = torch.rand(1, 6, 16, generator=gen) > 0.2
         return compare(lambda **k: tri2(**k, delta_softplus=True),
                        lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
     if name == "2d_padding_ignored":

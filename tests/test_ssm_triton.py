@@ -46,6 +46,7 @@ def _errors(result: dict) -> dict:
         ("2d_mask_nonsquare", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_grouped", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_single_cell", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
+        ("2d_aligned_width", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
     ],
 )
 def test_float32_matches_reference_forward_and_backward(interpreted, case, expected_keys):
