@@ -61,7 +61,7 @@ class Scan2DConfig:
     of the backward's column-adjoint programs; CH: channels per backward program."""
 
     WB: int = 32
-    programs: int = 1024
+    programs: int = 512
     WB_BWD: int = 32
     BD_REV: int = 2
     warps_rev: int = 2
