@@ -77,6 +77,20 @@ def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2D
 
 
 @triton.jit
+def _block_setup(pid_d, dpg, A_ptr, bias_ptr, one, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+                 WB: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Index vectors of a (NP, WB, BD) block (channels, B/C group, states, columns) and the
+    channels' A (log2 units) and Δ bias."""
+    d0 = pid_d * BD
+    offs_d = (d0 + tl.arange(0, BD))[None, None, :]
+    nidx = tl.arange(0, NP)[:, None, None]
+    nmask = nidx < N
+    A2 = tl.load(A_ptr + offs_d * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d) if HAS_BIAS else 0.0
+    return offs_d, d0 // dpg, nidx, nmask, tl.arange(0, WB)[None, :, None], A2, bias
+
+
+@triton.jit
 def _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, moff, cm, bias, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr):
     """Δ (zero on masked cells) and u of one row of a column block, as float32."""
     valid = cm
@@ -115,17 +129,10 @@ def _row_carry_kernel(
     pid_d = tl.program_id(0)
     i = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    d0 = pid_d * BD
-    offs_d = (d0 + tl.arange(0, BD))[None, None, :]
-    g = d0 // dpg
-    nidx = tl.arange(0, NP)[:, None, None]
-    nmask = nidx < N
-    tr = tl.arange(0, WB)[None, :, None]
+    offs_d, g, nidx, nmask, tr, A2, bias = _block_setup(pid_d, dpg, A_ptr, bias_ptr, one, N, NP, BD, WB, HAS_BIAS)
     first = tr == 0
     lastc = tr == WB - 1
     zero_d = offs_d * 0
-    A2 = tl.load(A_ptr + offs_d * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d) if HAS_BIAS else 0.0
     bc_row = (pid_b * G + g) * N * H * W + i * W
     Hl = tl.zeros((NP, 1, BD), dtype=tl.float32)
     for cb in range(n_cb):
@@ -166,16 +173,9 @@ def _fwd_kernel(
     pid_b = tl.program_id(2).to(tl.int64)
     rb = pid_t // n_cb
     cb = pid_t % n_cb
-    d0 = pid_d * BD
-    offs_d = (d0 + tl.arange(0, BD))[None, None, :]
-    g = d0 // dpg
-    nidx = tl.arange(0, NP)[:, None, None]
-    nmask = nidx < N
-    tr = tl.arange(0, WB)[None, :, None]
+    offs_d, g, nidx, nmask, tr, A2, bias = _block_setup(pid_d, dpg, A_ptr, bias_ptr, one, N, NP, BD, WB, HAS_BIAS)
     first = tr == 0
     zero_d = offs_d * 0
-    A2 = tl.load(A_ptr + offs_d * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d)
     seq = pid_b * DIM + offs_d
