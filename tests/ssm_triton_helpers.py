@@ -71,7 +71,7 @@ def run_case(name: str) -> dict:
     # T=4 tiles, 2 channels a program, few programs wanted: short sequences still get several tiles,
     # several segments (the summary + chain path) and several backward channel blocks.
     cfg1 = Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
-    cfg2 = Scan2DConfig(WB=4, programs=8, WB_BWD=8, BD_REV=2, warps_rev=1, R=2, CH=2, warps_bwd=1)
+    cfg2 = Scan2DConfig(WB=4, programs=32, WB_BWD=8, R=2, CH=2, warps_bwd=1)
 
     def tri1(**kw):
         return selective_scan_triton(**kw, config=cfg1)
@@ -119,9 +119,9 @@ def run_case(name: str) -> dict:
         return compare(lambda **k: tri2(**k, delta_softplus=True),
                        lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
     if name == "2d_aligned_width":
-        # a width of 16 needs no padding columns; 4 column blocks, several row blocks
-        x = scan_inputs(gen, 1, 2, (6, 16), 3, 1, False)
-        x["mask"] = torch.rand(1, 6, 16, generator=gen) > 0.2
+        # a width of 16 needs no padding columns; 4 column blocks, 4 row blocks (summary + chain)
+        x = scan_inputs(gen, 1, 2, (8, 16), 3, 1, False)
+        x["mask"] = torch.rand(1, 8, 16, generator=gen) > 0.2
         return compare(lambda **k: tri2(**k, delta_softplus=True),
                        lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
     if name == "2d_padding_ignored":

@@ -53,18 +53,16 @@ from mambascope.ssm.triton_common import (
 
 @dataclasses.dataclass(frozen=True)
 class Scan2DConfig:
-    """WB: columns per column block (a multiple of 4, at most 128: one forward warp spans it with 4
-    columns a thread and takes 128 / WB channels; also the spacing of the stored row carries and
-    the backward tile's width); programs: forward programs wanted (the grid is cut into row blocks
-    until there are this many); WB_BWD: the backward's tile width (a multiple of WB); R: rows per
-    backward tile (and the spacing of saved column states); BD_REV, warps_rev: channels and warps
-    of the backward's column-adjoint programs; CH: channels per backward program."""
+    """WB: columns per forward column block (a multiple of 4, at most 128: one warp spans it with 4
+    columns a thread and takes 128 / WB channels; also the spacing of the stored row carries);
+    programs: forward programs wanted (the grid is cut into row blocks until there are this many);
+    WB_BWD: columns per column-adjoint block and backward tile (a multiple of WB); R: rows per
+    backward tile (and the spacing of saved column states); CH, warps_bwd: channels and warps per
+    backward tile program."""
 
     WB: int = 32
-    programs: int = 512
+    programs: int = 1024
     WB_BWD: int = 32
-    BD_REV: int = 2
-    warps_rev: int = 2
     R: int = 4
     CH: int = 16
     warps_bwd: int = 4
@@ -72,7 +70,7 @@ class Scan2DConfig:
 
 def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2DConfig:
     if interpreting():
-        return Scan2DConfig(WB=4, programs=8, WB_BWD=8, BD_REV=2, warps_rev=1, R=2, CH=2, warps_bwd=1)
+        return Scan2DConfig(WB=4, programs=8, WB_BWD=8, R=2, CH=2, warps_bwd=1)
     return Scan2DConfig()
 
 
@@ -223,54 +221,51 @@ def _fwd_kernel(
         tl.store(agg_ptr + cidx * N + nidx * one, V, mask=nmask & cm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["one"])
 def _vrev_kernel(
     dout_ptr, dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, mask_ptr,
     gbot_ptr, S_ptr, agg_ptr,
-    DIM, dpg, G, H, W, n_cb, n_rb,
+    DIM, dpg, G, H, W, n_cb, n_rb, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr, R: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
+    # The column adjoint, in `_fwd_kernel`'s layout: one warp per (BD channels, column block) walks
+    # the rows bottom to top with the carry a[i+1] gh[i+1] of its columns in registers, stores it
+    # at the bottom row of every R-row tile, and summarises each row's adjoint over the block
+    # (ΣΔ and Σ_j exp(A Σ_{k<=j} Δ_k) gh_j) for the row-adjoint chain.
     pid_d = tl.program_id(0)
     cb = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    d0 = pid_d * BD
-    offs_d = d0 + tl.arange(0, BD)
-    g = d0 // dpg
-    offs_n = tl.arange(0, NP)
-    nm = offs_n < N
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=nm[None, :], other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d)[:, None] if HAS_BIAS else 0.0
-    cols = cb * WB + tl.arange(0, WB)
-    cm = cols < W
+    offs_d, g, nidx, nmask, tr, A2, bias = _block_setup(pid_d, dpg, A_ptr, bias_ptr, one, N, NP, BD, WB, HAS_BIAS)
+    zero_d = offs_d * 0
     seq = pid_b * DIM + offs_d
-    bc_base = ((pid_b * G + g) * N + offs_n[:, None]) * H * W + cols[None, :]
-    bc_mask = nm[:, None] & cm[None, :]
-    Wv = tl.zeros((BD, NP, WB), dtype=tl.float32)
+    col = cb * WB + tr
+    cm = col < W
+    bc_base = (pid_b * G + g) * N * H * W
+    Wv = tl.zeros((NP, WB, BD), dtype=tl.float32)
     for k in range(H):
         i = H - 1 - k
         block_end = (i % R == R - 1) | (i == H - 1)
-        gptr = gbot_ptr + ((seq[:, None, None] * n_rb + i // R) * N + offs_n[None, :, None]) * W + cols[None, None, :]
-        tl.store(gptr, Wv, mask=nm[None, :, None] & cm[None, None, :] & block_end)
-        xoff = (seq[:, None] * H + i) * W + cols[None, :]
-        valid = cm
-        if HAS_MASK:
-            mk = tl.load(mask_ptr + (pid_b * H + i) * W + cols, mask=cm, other=0)
-            valid = valid & (mk != 0)
-        raw = tl.load(dl_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
-        dt = tl.where(valid[None, :], delta_act(raw, bias, SOFTPLUS), 0.0)
-        dy = tl.load(dout_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+        gptr = gbot_ptr + ((seq * n_rb + i // R) * N + nidx * one) * W + col
+        tl.store(gptr, Wv, mask=nmask & cm & block_end)
+        xoff = (seq * H + i) * W + col
+        dt, dy = _row_inputs(dout_ptr, dl_ptr, mask_ptr, xoff, (pid_b * H + i) * W + col + zero_d, cm, bias,
+                             SOFTPLUS, HAS_MASK)
         if HAS_Z:
-            zz = tl.load(z_ptr + xoff, mask=cm[None, :], other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
             dy = dy * zz * tl.sigmoid(zz)
-        Ct = tl.load(C_ptr + bc_base + i * W, mask=bc_mask, other=0.0).to(tl.float32)
-        gh = dy[:, None, :] * Ct[None, :, :] + Wv
-        Wv = tl.exp2(dt[:, None, :] * A2[:, :, None]) * gh
         cs = tl.cumsum(dt, axis=1)
-        wagg = tl.sum(tl.exp2(A2[:, :, None] * cs[:, None, :]) * gh, axis=2)
+        wagg = tl.zeros((NP, 1, BD), dtype=tl.float32)
+        for n in tl.static_range(N):
+            sel = nidx == n
+            An = tl.sum(tl.where(sel, A2, 0.0), axis=0, keep_dims=True)
+            Cn = tl.load(C_ptr + bc_base + n * H * W + i * W + col + zero_d, mask=cm, other=0.0).to(tl.float32)
+            gh = dy * Cn + tl.sum(tl.where(sel, Wv, 0.0), axis=0, keep_dims=True)
+            Wv = tl.where(sel, tl.exp2(dt * An) * gh, Wv)
+            wagg = tl.where(sel, tl.sum(tl.exp2(An * cs) * gh, axis=1, keep_dims=True), wagg)
         row = seq * H + i
-        tl.store(S_ptr + row * n_cb + cb, tl.sum(dt, axis=1))
-        tl.store(agg_ptr + (row[:, None] * n_cb + cb) * N + offs_n[None, :], wagg, mask=nm[None, :])
+        tl.store(S_ptr + row * n_cb + cb, tl.sum(dt, axis=1, keep_dims=True))
+        tl.store(agg_ptr + (row * n_cb + cb) * N + nidx * one, wagg, mask=nmask)
 
 
 @triton.jit
@@ -408,8 +403,11 @@ def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
 
 def _row_blocks(batch: int, n_dblk: int, n_cb: int, H: int, cfg: Scan2DConfig) -> tuple[int, int]:
     """(rows per block, blocks): the grid is cut into row blocks until there are about
-    `cfg.programs` programs; a block is a whole number of R-row save spans."""
+    `cfg.programs` programs, but only into 4 or more (measured: a split into 2 or 3 costs its
+    summary pass and gains too little parallelism); a block is a whole number of R-row save spans."""
     want = max(1, min(triton.cdiv(H, cfg.R), cfg.programs // max(1, batch * n_dblk * n_cb)))
+    if want < 4:
+        return H, 1
     rows = triton.cdiv(triton.cdiv(H, want), cfg.R) * cfg.R
     return rows, triton.cdiv(H, rows)
 
@@ -465,16 +463,16 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     bt = bias32 if bias32 is not None else dummy
     mt = mask8 if mask8 is not None else dummy
     flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus, HAS_MASK=mask8 is not None)
-    BD = largest_pow2_divisor(dpg, cfg.BD_REV)
+    BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB_BWD))
     gbot = torch.empty(batch * dim, n_rb, N, W, **f32)
     S = torch.empty(batch * dim * H, n_cb, **f32)
     agg = torch.empty(batch * dim * H, n_cb, N, **f32)
     _vrev_kernel[(dim // BD, n_cb, batch)](
         dout, delta, A32, Cg, zt, bt, mt,
         gbot, S, agg,
-        dim, dpg, G, H, W, n_cb, n_rb,
+        dim, dpg, G, H, W, n_cb, n_rb, 1,
         N=N, NP=NP, BD=BD, WB=cfg.WB_BWD, R=cfg.R, **flags,
-        num_warps=cfg.warps_rev,
+        num_warps=1,
     )
     ghr, _ = chain_segments(S, agg, A32, H, dim, reverse=True)
     del S, agg
