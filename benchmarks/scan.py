@@ -387,22 +387,24 @@ def run_sweep(rows, only):
     from mambascope.ssm.triton_scan import Scan1DConfig
     from mambascope.ssm.triton_scan2d import Scan2DConfig
 
-    inputs = inputs_1d(1, 1024, 16384, 16, torch.bfloat16, "cuda", 7)
-    for cfg in SWEEP_1D if only != "2d" else []:
-        try:
-            fwd, both, peak = measure(scan_1d("triton", Scan1DConfig(**cfg)), inputs, "cuda")
-        except Exception as e:  # a configuration that does not compile is reported, not fatal
-            print("sweep 1d", cfg, "failed:", repr(e)[:200])
+    cases = [
+        ("1d", "1x1024x16384 N16", "bf16", lambda: inputs_1d(1, 1024, 16384, 16, torch.bfloat16, "cuda", 7),
+         lambda cfg: scan_1d("triton", Scan1DConfig(**cfg)), SWEEP_1D),
+        ("2d", "217x387 dim256 N16", "fp32", lambda: inputs_2d(217, 387, 256, 16, torch.float32, "cuda", 8),
+         lambda cfg: scan_2d("triton", Scan2DConfig(**cfg)), SWEEP_2D),
+    ]
+    for kind, shape, dtype, make_inputs, make_scan, configs in cases:
+        if only not in (None, kind):
             continue
-        rows.append(Row("sweep1d", "1x1024x16384 N16", "bf16", "triton " + json.dumps(cfg), fwd, both, peak))
-    inputs = inputs_2d(217, 387, 256, 16, torch.float32, "cuda", 8)
-    for cfg in SWEEP_2D if only != "1d" else []:
-        try:
-            fwd, both, peak = measure(scan_2d("triton", Scan2DConfig(**cfg)), inputs, "cuda")
-        except Exception as e:
-            print("sweep 2d", cfg, "failed:", repr(e)[:200])
-            continue
-        rows.append(Row("sweep2d", "217x387 dim256 N16", "fp32", "triton " + json.dumps(cfg), fwd, both, peak))
+        inputs = make_inputs()
+        for cfg in configs:
+            try:
+                fwd, both, peak = measure(make_scan(cfg), inputs, "cuda")
+            except Exception as e:  # a configuration that does not compile is reported, not fatal
+                print(f"sweep {kind}", cfg, "failed:", repr(e)[:200])
+                continue
+            rows.append(Row(f"sweep{kind}", shape, dtype, "triton " + json.dumps(cfg), fwd, both, peak))
+        del inputs
 
 
 SWEEP_1D = [
@@ -429,12 +431,12 @@ def run_profile(only):
     """Per-kernel CUDA time of one forward+backward on the headline 1D and 2D shapes."""
     from torch.profiler import ProfilerActivity, profile
 
-    cases = [("1d 1x1024x16384 bf16", scan_1d("triton"), inputs_1d(1, 1024, 16384, 16, torch.bfloat16, "cuda", 5)),
-             ("2d 217x387 dim256 fp32", scan_2d("triton"), inputs_2d(217, 387, 256, 16, torch.float32, "cuda", 6))]
-    for name, f, inputs in cases:
+    cases = [("1d 1x1024x16384 bf16", scan_1d("triton"), lambda: inputs_1d(1, 1024, 16384, 16, torch.bfloat16, "cuda", 5)),
+             ("2d 217x387 dim256 fp32", scan_2d("triton"), lambda: inputs_2d(217, 387, 256, 16, torch.float32, "cuda", 6))]
+    for name, f, make_inputs in cases:
         if only is not None and not name.startswith(only):
             continue
-        gi = with_grad(inputs)
+        gi = with_grad(make_inputs())
         for _ in range(3):
             f(gi).backward(torch.ones_like(f(gi)))
         torch.cuda.synchronize()

@@ -524,7 +524,7 @@ class _SelectiveScan2D(torch.autograd.Function):
         mask = _pad_width(mask, pad) if mask is not None else None
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
-        mask8 = mask.contiguous().view(torch.uint8) if mask is not None else None
+        mask8 = mask.view(torch.uint8) if mask is not None else None  # contiguous already
         cfg = cfg or default_config(*u.shape, A.shape[1])
         save = any(ctx.needs_input_grad[:8])
         out, hrl, htop = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, mask8, save, cfg)
