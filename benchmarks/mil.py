@@ -40,10 +40,11 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
+    # coords stay on the host, as the training loop keeps them (mamba2d builds its grid there)
     pool = [(torch.randn(args.patches, args.dim, generator=generator).to(device),
-             _lattice(args.patches, generator).to(device), torch.tensor([i % 2], device=device))
+             _lattice(args.patches, generator), torch.tensor([i % 2], device=device))
             for i in range(args.pool)]
-    model = create_model(name, in_dim=args.dim, num_classes=2).to(device).train()
+    model = create_model(name, in_dim=args.dim, num_classes=2, **args.model_args.get(name, {})).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
@@ -84,8 +85,10 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
             for i in range(3):
                 step(i)
             sync()
-        print(f"\nprofile {name} (3 steps):\n"
-              + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
+        table = prof.key_averages()
+        print(f"\nprofile {name} (3 steps), by device time:\n"
+              + table.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40)
+              + "\nby host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
     params = sum(p.numel() for p in model.parameters())
     queue.put({"model": name, "epoch_s": seconds_per_bag * args.bags, "bag_ms": seconds_per_bag * 1e3,
                "peak_mib": peak, "peak_kind": peak_kind, "params": params, "timed_steps": timed})
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="print each model's top CUDA kernels over 3 steps")
+    parser.add_argument("--model-args", type=json.loads, default={},
+                        help='JSON of constructor arguments per model, e.g. \'{"mamba2d": {"dim": 512, "depth": 2}}\'')
     args = parser.parse_args(argv)
     if REFERENCE not in args.models:
         args.models.insert(0, REFERENCE)
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = next((r for r in results if r["model"] == REFERENCE), None)
     print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {args.patches} x {args.dim}-d"
-          f"{' (bf16 autocast)' if args.bf16 else ''}; peak = {results[0]['peak_kind'] if results else '-'}")
+          f"{' (bf16 autocast)' if args.bf16 else ''}; peak = {results[0]['peak_kind'] if results else '-'}"
+          f"{'; model args ' + json.dumps(args.model_args) if args.model_args else ''}")
     print(f"{'model':<13}{'params':>11}{'ms/bag':>10}{'s/epoch':>11}{'peak MiB':>11}{'vs ' + REFERENCE:>18}")
     for r in results:
         ratio = r["epoch_s"] / reference["epoch_s"] if reference else float("nan")

@@ -120,3 +120,39 @@ def test_bad_bags_raise_data_errors(name):
         model(torch.zeros(4, 16))
     with pytest.raises(DataError, match="coords"):
         model(torch.zeros(4, IN_DIM), torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_grid_moves_to_the_features_device_and_module_keeps_coords_on_host():
+    """The grid is built on the host and handed over whole; the Lightning module moves every batch
+    entry but the coords (the meta device stands in for a GPU)."""
+    from mambascope.train.mil_module import MILModule
+
+    coords = torch.tensor([[0, 0], [256, 0], [0, 256]])
+    grid = patch_grid(coords, 3).to("meta")
+    assert (grid.height, grid.width) == (2, 2)
+    assert all(t.device.type == "meta" for t in (grid.cell, grid.cells, grid.inverse, grid.counts))
+    module = MILModule("abmil", IN_DIM, ["a", "b"])
+    batch = {"features": torch.randn(3, IN_DIM), "coords": coords, "label": torch.tensor(1), "index": 0}
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["features"].device.type == "meta" and moved["label"].device.type == "meta"
+    assert moved["coords"] is coords and moved["index"] == 0
+
+
+def test_mamba2d_output_does_not_depend_on_grid_width_padding(monkeypatch):
+    """On a GPU the grid is widened to 16 columns; the extra cells are masked, so the result is the
+    same as on the tight grid (checked on the CPU by forcing the widening)."""
+    import mambascope.models.mil.mamba2d as mamba2d_module
+
+    rng = np.random.default_rng(5)
+    model = small_model("mamba2d").eval()
+    features = torch.randn(90, IN_DIM)
+    coords = torch.from_numpy(lattice_coords(rng, 90, step=256))
+    with torch.no_grad():
+        tight = model(features, coords)
+        tight_width = patch_grid(coords, 90).width
+        monkeypatch.setattr(mamba2d_module, "patch_grid",
+                            lambda c, n, width_multiple=1: patch_grid(c, n, width_multiple=16))
+        wide = model(features, coords)
+    assert tight_width % 16 != 0 and patch_grid(coords, 90, width_multiple=16).width % 16 == 0
+    torch.testing.assert_close(wide.logits, tight.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wide.scores, tight.scores, rtol=1e-5, atol=1e-7)

@@ -169,8 +169,7 @@ def predict_bags(models: Sequence[nn.Module], dataset: BagDataset, device: torch
     for i in range(len(dataset)):
         item = dataset[i]
         features = item["features"].to(device)
-        coords = None if item["coords"] is None else item["coords"].to(device)
-        outs = [m(features, coords) for m in models]
+        outs = [m(features, item["coords"]) for m in models]  # coords stay on the host (see MILModule)
         probs.append(torch.stack([torch.softmax(o.logits.float(), -1) for o in outs]).mean(0).cpu().numpy())
         scores.append(torch.stack([o.scores.float() for o in outs]).mean(0).cpu().numpy())
     return np.stack(probs), scores

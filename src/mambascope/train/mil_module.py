@@ -42,6 +42,13 @@ class MILModule(lightning.LightningModule):
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None):
         return self.model(features, coords)
 
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Everything but the coords: only grid-building models read them, on the host (a copy on the
+        GPU would cost a synchronisation every step)."""
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "coords"}, device,
+                                                 dataloader_idx)
+        return {**moved, "coords": batch.get("coords")}
+
     def training_step(self, batch: dict, _batch_idx: int) -> torch.Tensor:
         out = self.model(batch["features"], batch["coords"])
         loss = self.loss_fn(out.logits.unsqueeze(0), batch["label"].view(1))

@@ -6,6 +6,10 @@ canvas per dataset — and is not fooled by tissue pieces tiled from different o
 Runs of empty rows or columns (gaps between tissue pieces) shrink to a single empty line, which
 keeps the grid about the size of the tissue. Patches from offset lattices that round to one cell
 share it.
+
+The grid is host work: its sizes decide allocations, so on a GPU every step of it (unique, max,
+boolean selection) would stall the device queue. `patch_grid` runs on the CPU and
+`PatchGrid.to` hands the index tensors to the device without a synchronisation.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mambascope.errors import DataError
@@ -34,60 +39,71 @@ class PatchGrid:
     inverse: torch.Tensor
     counts: torch.Tensor
 
+    def to(self, device: torch.device | str) -> PatchGrid:
+        """The same grid with its index tensors on `device` (host-to-device copies do not wait on the
+        device's queue)."""
+        moved = (t.to(device, non_blocking=True) for t in (self.cell, self.cells, self.inverse, self.counts))
+        return PatchGrid(self.height, self.width, *moved)
 
-def _line_gaps(coords: torch.Tensor, along: int) -> torch.Tensor:
+
+def _line_gaps(coords: np.ndarray, along: int) -> np.ndarray:
     """Gaps between consecutive patches that share the other coordinate (same row or same column)."""
     other = 1 - along
     key = coords[:, other] * (coords[:, along].max() + 1) + coords[:, along]
-    ordered = coords[torch.argsort(key)]
+    ordered = coords[np.argsort(key)]
     same_line = ordered[1:, other] == ordered[:-1, other]
     return (ordered[1:, along] - ordered[:-1, along])[same_line]
 
 
-def lattice_step(coords: torch.Tensor) -> int:
+def lattice_step(coords: torch.Tensor | np.ndarray) -> int:
     """The tiling stride: the most frequent gap between row or column neighbours (ties: the smaller).
 
     Without neighbours on any line (e.g. scattered patches), the most frequent gap between distinct
     x or y values stands in; a single patch has step 1.
     """
-    gaps = torch.cat([_line_gaps(coords, 0), _line_gaps(coords, 1)])
+    coords = _host_coords(coords)
+    gaps = np.concatenate([_line_gaps(coords, 0), _line_gaps(coords, 1)])
     gaps = gaps[gaps > 0]
-    if gaps.numel() == 0:
-        distinct = [torch.unique(coords[:, axis]) for axis in (0, 1)]
-        gaps = torch.cat([d[1:] - d[:-1] for d in distinct])
-    if gaps.numel() == 0:
+    if gaps.size == 0:
+        gaps = np.concatenate([np.diff(np.unique(coords[:, axis])) for axis in (0, 1)])
+    if gaps.size == 0:
         return 1
-    values, counts = torch.unique(gaps, return_counts=True)
+    values, counts = np.unique(gaps, return_counts=True)
     return int(values[counts.argmax()])
 
 
-def _axis_positions(values: torch.Tensor, step: int) -> torch.Tensor:
+def _host_coords(coords: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Coords as an int64 NumPy array (one copy from a device)."""
+    if isinstance(coords, torch.Tensor):
+        coords = coords.detach().cpu().numpy()
+    return np.asarray(coords, dtype=np.int64)
+
+
+def _axis_positions(values: np.ndarray, step: int) -> np.ndarray:
     """Lattice index of each value along one axis, with long empty runs shrunk to one empty line."""
-    index = torch.div(values - values.min() + step // 2, step, rounding_mode="floor")
-    occupied = torch.unique(index)
-    compact = torch.zeros_like(occupied)
-    if occupied.numel() > 1:
-        compact[1:] = torch.cumsum((occupied[1:] - occupied[:-1]).clamp(max=2), 0)
-    return compact[torch.searchsorted(occupied, index)]
+    index = (values - values.min() + step // 2) // step
+    occupied = np.unique(index)
+    compact = np.zeros_like(occupied)
+    compact[1:] = np.cumsum(np.minimum(np.diff(occupied), 2))
+    return compact[np.searchsorted(occupied, index)]
 
 
-def patch_grid(coords: torch.Tensor | None, num_patches: int) -> PatchGrid:
-    """Grid placement of a bag's patches; without coords, row-major on a square in bag order."""
-    device = None if coords is None else coords.device
+def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, width_multiple: int = 1) -> PatchGrid:
+    """Grid placement of a bag's patches, on the host (coords on a device are copied over once);
+    without coords, row-major on a square in bag order. The width is rounded up to a multiple of
+    `width_multiple` with empty columns on the right (the GPU 2D scan wants 16-aligned rows)."""
     if coords is None:
-        width = math.ceil(math.sqrt(num_patches))
-        cell = torch.arange(num_patches)
-        height = math.ceil(num_patches / width)
+        cols_used = math.ceil(math.sqrt(num_patches))
+        rows, cols = np.divmod(np.arange(num_patches), cols_used)
     else:
-        coords = coords.long()
+        coords = _host_coords(coords)
         step = lattice_step(coords)
         cols, rows = _axis_positions(coords[:, 0], step), _axis_positions(coords[:, 1], step)
-        height, width = int(rows.max()) + 1, int(cols.max()) + 1
-        if height * width > max(MAX_CELLS_PER_PATCH * num_patches, _MIN_CELL_BUDGET):
-            raise DataError(f"patch coordinates do not form a 2D tissue grid ({height}×{width} cells for "
-                            f"{num_patches} patches)", hint="check the coords, or use a sequence model (mambamil)")
-        cell = rows * width + cols
-    cells, inverse, counts = torch.unique(cell, return_inverse=True, return_counts=True)
-    if device is not None:
-        cell, cells, inverse, counts = (t.to(device) for t in (cell, cells, inverse, counts))
-    return PatchGrid(height, width, cell, cells, inverse, counts)
+        cols_used = int(cols.max()) + 1
+    height, width = int(rows.max()) + 1, -(-cols_used // width_multiple) * width_multiple
+    if coords is not None and height * cols_used > max(MAX_CELLS_PER_PATCH * num_patches, _MIN_CELL_BUDGET):
+        raise DataError(f"patch coordinates do not form a 2D tissue grid ({height}×{cols_used} cells for "
+                        f"{num_patches} patches)", hint="check the coords, or use a sequence model (mambamil)")
+    cell = rows * width + cols
+    cells, inverse, counts = np.unique(cell, return_inverse=True, return_counts=True)
+    return PatchGrid(height, width, *(torch.from_numpy(t.astype(np.int64)) for t in (cell, cells, inverse, counts)))
