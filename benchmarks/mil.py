@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import sys
 import time
+
+from isolated import run_each_in_process
 
 MODELS = ("abmil", "abmil-gated", "transmil", "mambamil", "mamba2d")
 REFERENCE = "abmil-gated"
@@ -113,17 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if REFERENCE not in args.models:
         args.models.insert(0, REFERENCE)
 
-    context = mp.get_context("spawn")
-    results = []
-    for name in args.models:
-        queue = context.Queue()
-        process = context.Process(target=_run_one, args=(name, args, queue))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            print(f"{name}: failed (exit code {process.exitcode})", file=sys.stderr)
-            continue
-        results.append(queue.get())
+    results = run_each_in_process(args.models, _run_one, args)
 
     reference = next((r for r in results if r["model"] == REFERENCE), None)
     print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {args.patches} x {args.dim}-d"

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing as mp
 import resource
 import statistics
 import sys
 import time
+
+from isolated import run_each_in_process
 
 MODELS = ("segmamba", "swinunetr", "segresnet")
 
@@ -114,17 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print("swinunetr: skipped (MONAI's SwinUNETR needs the einops package: pip install einops)",
               file=sys.stderr)
         names.remove("swinunetr")
-    context = mp.get_context("spawn")
-    results = []
-    for name in names:
-        queue = context.Queue()
-        process = context.Process(target=_run_one, args=(name, args, queue))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            print(f"{name}: failed (exit code {process.exitcode})", file=sys.stderr)
-            continue
-        results.append(queue.get())
+    results = run_each_in_process(names, _run_one, args)
 
     print(f"input 1x4x{args.size}³ x{args.batch} on {args.device}"
           f"{'' if args.device == 'cpu' or args.fp32 else ' (bf16 autocast)'}")

@@ -46,6 +46,14 @@ def as_f32(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
+def parameter_grads(dtypes: tuple, was_grouped: bool, dA, dB, dC, dD, dbias) -> tuple:
+    """The autograd wrappers' gradients of (A, B, C, D, delta_bias): float32 results cast back to the
+    parameters' dtypes (None stays None); dB, dC lose the group axis the wrapper added."""
+    if not was_grouped:
+        dB, dC = dB[:, 0], dC[:, 0]
+    return tuple(g.to(t) if g is not None else None for g, t in zip((dA, dB, dC, dD, dbias), dtypes, strict=True))
+
+
 def pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -98,6 +106,18 @@ def shift_next(x, AXIS: tl.constexpr):
     return nxt
 
 
+@triton.jit
+def channel_block(pid_d, dpg, bias_ptr, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """The 1D kernels' block of BD channels: channel indices (BD,), their B/C group, the state index
+    (NP, 1) and its mask, and the channels' Δ bias (1, BD)."""
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    nidx = tl.arange(0, NP)[:, None]
+    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
+    return offs_d, d0 // dpg, nidx, nidx < N, bias
+
+
 @triton.jit(do_not_specialize=["one"])
 def agg_kernel(
     v_ptr, dl_ptr, z_ptr, coef_ptr, A_ptr, bias_ptr,
@@ -117,13 +137,8 @@ def agg_kernel(
     pid_d = tl.program_id(0)
     s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    d0 = pid_d * BD
-    offs_d = d0 + tl.arange(0, BD)
-    g = d0 // dpg
-    nidx = tl.arange(0, NP)[:, None]
-    nmask = nidx < N
+    offs_d, g, nidx, nmask, bias = channel_block(pid_d, dpg, bias_ptr, N, NP, BD, HAS_BIAS)
     A2 = tl.load(A_ptr + offs_d[None, :] * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
     seq = pid_b * DIM + offs_d  # (BD,)
     zero_d = (offs_d * 0)[None, :]
     cbase = (pid_b * G + g) * N * LS

@@ -34,12 +34,14 @@ from mambascope.ssm.triton_common import (
     agg_kernel,
     as_f32,
     chain_segments,
+    channel_block,
     check_device,
     delta_act,
     delta_act_grad,
     interpreting,
     largest_pow2_divisor,
     lin_combine,
+    parameter_grads,
     pow2,
     shift_next,
 )
@@ -90,13 +92,8 @@ def _fwd_kernel(
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    d0 = pid_d * BD
-    offs_d = d0 + tl.arange(0, BD)
-    g = d0 // dpg
-    nidx = tl.arange(0, NP)[:, None]
-    nmask = nidx < N
+    offs_d, g, nidx, nmask, bias = channel_block(pid_d, dpg, bias_ptr, N, NP, BD, HAS_BIAS)
     A2 = tl.load(A_ptr + offs_d[None, :] * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d)[None, :]
     seq = pid_b * DIM + offs_d
@@ -165,12 +162,7 @@ def _bwd_kernel(
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    d0 = pid_d * BD
-    offs_d = d0 + tl.arange(0, BD)
-    g = d0 // dpg
-    nidx = tl.arange(0, NP)[:, None]
-    nmask = nidx < N
-    bias = tl.load(bias_ptr + offs_d)[None, :] if HAS_BIAS else 0.0
+    offs_d, g, nidx, nmask, bias = channel_block(pid_d, dpg, bias_ptr, N, NP, BD, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d)[None, :]
     seq = pid_b * DIM + offs_d
@@ -398,16 +390,8 @@ class _SelectiveScan(torch.autograd.Function):
         du, ddl, dA, dB, dC, dD, dz, db = _backward(
             _padded(dout, uc.shape[-1]), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, cfg,
         )
-        if not was_grouped:
-            dB, dC = dB[:, 0], dC[:, 0]
-        tA, tB, tC, tD, tbias = dtypes
-        return (
-            du, ddl, dA.to(tA), dB.to(tB), dC.to(tC),
-            dD.to(tD) if dD is not None else None,
-            dz,
-            db.to(tbias) if db is not None else None,
-            None, None, None,
-        )
+        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dB, dC, dD, db)
+        return du, ddl, dA, dB, dC, dD, dz, db, None, None, None
 
 
 def selective_scan_triton(

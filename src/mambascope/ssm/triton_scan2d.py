@@ -47,6 +47,7 @@ from mambascope.ssm.triton_common import (
     interpreting,
     largest_pow2_divisor,
     lin_combine,
+    parameter_grads,
     pow2,
 )
 
@@ -546,16 +547,8 @@ class _SelectiveScan2D(torch.autograd.Function):
         if pad:
             du, ddl, dB, dC = (t[..., :-pad] for t in (du, ddl, dB, dC))
             dz = dz[..., :-pad] if dz is not None else None
-        if not was_grouped:
-            dB, dC = dB[:, 0], dC[:, 0]
-        tA, tB, tC, tD, tbias = dtypes
-        return (
-            du, ddl, dA.to(tA), dB.to(tB), dC.to(tC),
-            dD.to(tD) if dD is not None else None,
-            dz,
-            db.to(tbias) if db is not None else None,
-            None, None, None,
-        )
+        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dB, dC, dD, db)
+        return du, ddl, dA, dB, dC, dD, dz, db, None, None, None
 
 
 def selective_scan_2d_triton(
