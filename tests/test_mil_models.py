@@ -88,6 +88,8 @@ def test_grid_cell_sharing_and_raster_fallback():
     grid = patch_grid(coords, 4)
     assert grid.cell[1] == grid.cell[2]
     assert grid.counts.tolist() == [1, 2, 1]
+    assert grid.share.tolist() == [1.0, 0.5, 0.5, 1.0]
+    assert grid.occupied.tolist() == [True, True, True]  # one row of three cells
     model = small_model("mamba2d").eval()
     with torch.no_grad():
         out = model(torch.randn(4, IN_DIM), coords)
@@ -130,7 +132,8 @@ def test_grid_moves_to_the_features_device_and_module_keeps_coords_on_host():
     coords = torch.tensor([[0, 0], [256, 0], [0, 256]])
     grid = patch_grid(coords, 3).to("meta")
     assert (grid.height, grid.width) == (2, 2)
-    assert all(t.device.type == "meta" for t in (grid.cell, grid.cells, grid.inverse, grid.counts))
+    assert all(t.device.type == "meta" for t in (grid.cell, grid.cells, grid.inverse, grid.counts, grid.occupied,
+                                                   grid.share))
     module = MILModule("abmil", IN_DIM, ["a", "b"])
     batch = {"features": torch.randn(3, IN_DIM), "coords": coords, "label": torch.tensor(1), "index": 0}
     moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)

@@ -246,18 +246,23 @@ class Mamba2D(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def forward(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+        batch, height, width, _ = hidden.shape
         if mask is not None:
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        x, z = self.in_proj(hidden).permute(0, 3, 1, 2).chunk(2, dim=1)
-        x = F.silu(self.conv2d(x.contiguous()))
-        dt, B, C = self.x_proj(x.permute(0, 2, 3, 1)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).permute(0, 3, 1, 2)
+        # The projections are (out, in) @ (batch, in, cells) products: their results come out
+        # channel-first, the layout of the conv and the scan, so no layout copies are made (at one
+        # slide per step those copies and their gradients were ~10 launches of host time).
+        tokens = hidden.reshape(batch, height * width, -1).transpose(1, 2)
+        x, z = (self.in_proj.weight @ tokens).unflatten(2, (height, width)).chunk(2, dim=1)
+        x = F.silu(self.conv2d(x))
+        dt, B, C = (self.x_proj.weight @ x.flatten(2)).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         y = selective_scan_2d(
-            x, dt, -torch.exp(self.A_log.float()), B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
-            self.D.float(), z.contiguous(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            mask=mask, backend=self.backend,
+            x, (self.dt_proj.weight @ dt).unflatten(2, (height, width)), -torch.exp(self.A_log.float()),
+            B.unflatten(2, (height, width)), C.unflatten(2, (height, width)), self.D.float(), z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, mask=mask, backend=self.backend,
         )
-        out = self.out_proj(y.permute(0, 2, 3, 1))
+        out = y.flatten(2).transpose(1, 2) @ self.out_proj.weight.t()
+        out = out.view(batch, height, width, -1)
         if mask is not None:
             out = out * mask.unsqueeze(-1).to(out.dtype)
         return out

@@ -100,10 +100,67 @@ def _next_combine(f1, s1, c1, f2, s2, c2):
 
 @triton.jit
 def shift_next(x, AXIS: tl.constexpr):
-    """x[t+1] at position t along AXIS (the last position keeps x[t]); in registers, no memory."""
+    """x[t+1] at position t along AXIS (the last position keeps x[t]); in registers, no memory.
+    A reverse scan written as flip, forward scan, flip (see `reverse_lin_scan`)."""
     cnt = tl.full(x.shape, 1, tl.int32)
-    _, nxt, _ = tl.associative_scan((x, x, cnt), axis=AXIS, combine_fn=_next_combine, reverse=True)
-    return nxt
+    y = tl.flip(x, AXIS)
+    _, nxt, _ = tl.associative_scan((y, y, cnt), axis=AXIS, combine_fn=_next_combine)
+    return tl.flip(nxt, AXIS)
+
+
+@triton.jit
+def reverse_lin_scan(a, b, AXIS: tl.constexpr):
+    """g with g[t] = b[t] + a[t] g[t+1] along AXIS (the adjoint recurrence), as flip, forward scan,
+    flip. Triton 3.8 lowers `associative_scan(..., reverse=True)` with warp shuffles for every element
+    even when AXIS lies inside one thread (160 shuffles for an (8, 32) tile where the forward scan
+    has none, benchmarks/NOTES_scan.md); flips inside a thread are register moves."""
+    _, g = tl.associative_scan((tl.flip(a, AXIS), tl.flip(b, AXIS)), axis=AXIS, combine_fn=lin_combine)
+    return tl.flip(g, AXIS)
+
+
+def _reduce_scatter_ptx(T: int) -> str:
+    """PTX that sums T float32 registers over the 32 lanes of a warp and leaves in each lane the sum
+    for one register index: halving exchanges (lane bit 16, 8, ... decides which half a lane keeps and
+    which it sends), then full exchanges over the lanes left. T - 1 + 5 - log2(T) shuffles instead
+    of 5 T; the result is written to all T outputs."""
+    vals = [f"${T + i}" for i in range(T)]
+    lines = ["{", ".reg .pred %rs_hi;", f".reg .b32 %rs_lane, %rs_s<{T}>, %rs_k<{T}>, %rs_r<{T}>;",
+             "mov.u32 %rs_lane, %laneid;"]
+    mask = 16
+    while len(vals) > 1:
+        half = len(vals) // 2
+        lines += [f"and.b32 %rs_s0, %rs_lane, {mask};", "setp.ne.u32 %rs_hi, %rs_s0, 0;"]
+        for i in range(half):
+            lo, hi = vals[i], vals[i + half]
+            lines += [f"selp.b32 %rs_s{i}, {lo}, {hi}, %rs_hi;", f"selp.b32 %rs_k{i}, {hi}, {lo}, %rs_hi;",
+                      f"shfl.sync.bfly.b32 %rs_r{i}, %rs_s{i}, {mask}, 0x1f, 0xffffffff;",
+                      f"add.f32 %rs_k{i}, %rs_k{i}, %rs_r{i};"]
+        vals = [f"%rs_k{i}" for i in range(half)]
+        mask //= 2
+    while mask:
+        lines += [f"shfl.sync.bfly.b32 %rs_r0, %rs_k0, {mask}, 0x1f, 0xffffffff;", "add.f32 %rs_k0, %rs_k0, %rs_r0;"]
+        mask //= 2
+    lines += [f"mov.b32 ${i}, %rs_k0;" for i in range(T)] + ["}"]
+    return "\n".join(lines)
+
+
+_REDUCE_SCATTER_8: tl.constexpr = tl.constexpr(_reduce_scatter_ptx(8))
+_REGISTERS_8: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+
+
+@triton.jit
+def lane_reduce_scatter(x):
+    """Sum an (8, 32) one-warp tile (8 positions in each thread's registers, one channel a lane) over
+    its channels, scattered: lane l gets the sum for position `lane_position(l)`, in every register
+    (11 shuffles where `tl.sum` over the lanes takes 40). Compiled kernels only: inline PTX."""
+    return tl.inline_asm_elementwise(_REDUCE_SCATTER_8, _REGISTERS_8, [x], dtype=tl.float32, is_pure=True, pack=8)
+
+
+@triton.jit
+def lane_position(lane):
+    """The position whose channel sum `lane_reduce_scatter` leaves in lane `lane` (lane bit 16 picks
+    the upper half of the 8 positions, bit 8 the upper half of that, bit 4 the upper one of a pair)."""
+    return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)
 
 
 @triton.jit

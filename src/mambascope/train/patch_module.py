@@ -107,7 +107,7 @@ class PatchClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.hparams["optimizer"]
         optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[opt["name"]]
-        optimizer = optimizer_cls(self.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"])
+        optimizer = optimizer_cls(self.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"], fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         schedule = WarmupCosine(opt["warmup_epochs"] * steps_per_epoch, total, opt["min_lr_ratio"])

@@ -30,7 +30,9 @@ _MIN_CELL_BUDGET = 1 << 20
 @dataclass(frozen=True)
 class PatchGrid:
     """`cell` (N,) flat cell of each patch on an `height` × `width` grid; `cells` the distinct occupied
-    cells (M,), `inverse` (N,) each patch's position in `cells`, `counts` (M,) patches per cell."""
+    cells (M,), `inverse` (N,) each patch's position in `cells`, `counts` (M,) patches per cell;
+    `occupied` (height × width,) bool marks the cells with patches and `share` (N,) float32 is each
+    patch's share of its cell, 1 / its cell's count (both made here so a device need not derive them)."""
 
     height: int
     width: int
@@ -38,12 +40,14 @@ class PatchGrid:
     cells: torch.Tensor
     inverse: torch.Tensor
     counts: torch.Tensor
+    occupied: torch.Tensor
+    share: torch.Tensor
 
     def to(self, device: torch.device | str) -> PatchGrid:
-        """The same grid with its index tensors on `device` (host-to-device copies do not wait on the
+        """The same grid with its tensors on `device` (host-to-device copies do not wait on the
         device's queue)."""
-        moved = (t.to(device, non_blocking=True) for t in (self.cell, self.cells, self.inverse, self.counts))
-        return PatchGrid(self.height, self.width, *moved)
+        tensors = (self.cell, self.cells, self.inverse, self.counts, self.occupied, self.share)
+        return PatchGrid(self.height, self.width, *(t.to(device, non_blocking=True) for t in tensors))
 
 
 def _line_gaps(coords: np.ndarray, along: int) -> np.ndarray:
@@ -106,4 +110,8 @@ def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, width
                         f"{num_patches} patches)", hint="check the coords, or use a sequence model (mambamil)")
     cell = rows * width + cols
     cells, inverse, counts = np.unique(cell, return_inverse=True, return_counts=True)
-    return PatchGrid(height, width, *(torch.from_numpy(t.astype(np.int64)) for t in (cell, cells, inverse, counts)))
+    occupied = np.zeros(height * width, dtype=bool)
+    occupied[cells] = True
+    share = (1.0 / counts[inverse]).astype(np.float32)
+    indices = (torch.from_numpy(t.astype(np.int64)) for t in (cell, cells, inverse, counts))
+    return PatchGrid(height, width, *indices, torch.from_numpy(occupied), torch.from_numpy(share))

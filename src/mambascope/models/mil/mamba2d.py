@@ -52,19 +52,16 @@ class Mamba2DMIL(nn.Module):
         h = self.embed(features)
         # on a GPU, rows 16 cells wide spare the 2D scan its padding copies (the extra cells are masked)
         grid = patch_grid(coords, features.shape[0], width_multiple=16 if h.is_cuda else 1).to(h.device)
-        per_cell = h.new_zeros(grid.cells.numel(), h.shape[1]).index_add(0, grid.inverse, h)
-        per_cell = per_cell / grid.counts.unsqueeze(1).to(h.dtype)
-        canvas = h.new_zeros(grid.height * grid.width, h.shape[1]).index_copy(0, grid.cells, per_cell)
-        mask = torch.zeros(grid.height * grid.width, dtype=torch.bool, device=h.device)
-        mask[grid.cells] = True
+        # each cell holds the mean of its patches: every patch adds its share of the cell
+        canvas = h.new_zeros(grid.height * grid.width, h.shape[1])
+        canvas = canvas.index_add(0, grid.cell, h * grid.share.unsqueeze(1).to(h.dtype))
         x = canvas.view(1, grid.height, grid.width, -1)
-        mask = mask.view(1, grid.height, grid.width)
+        mask = grid.occupied.view(1, grid.height, grid.width)
         for layer in self.layers:
             x = layer(x, mask)
         tokens = self.norm(x.reshape(grid.height * grid.width, -1)[grid.cells])
         pooled, weights = self.pool(tokens)
-        scores = weights[grid.inverse] / grid.counts[grid.inverse].to(weights.dtype)
-        return MILOutput(logits=self.head(pooled), scores=scores)
+        return MILOutput(logits=self.head(pooled), scores=weights[grid.inverse] * grid.share.to(weights.dtype))
 
 
 @register_model("mamba2d")
