@@ -152,7 +152,7 @@ _REGISTERS_8: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
 def lane_reduce_scatter(x):
     """Sum an (8, 32) one-warp tile (8 positions in each thread's registers, one channel a lane) over
     its channels, scattered: lane l gets the sum for position `lane_position(l)`, in every register
-    (11 shuffles where `tl.sum` over the lanes takes 40). Compiled kernels only: inline PTX."""
+    (9 shuffles where `tl.sum` over the lanes takes 40). Compiled kernels only: inline PTX."""
     return tl.inline_asm_elementwise(_REDUCE_SCATTER_8, _REGISTERS_8, [x], dtype=tl.float32, is_pure=True, pack=8)
 
 
