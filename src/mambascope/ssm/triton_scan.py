@@ -178,10 +178,11 @@ def _bwd_kernel(
     lastr = (tr == T - 1)[:, None]
     zero_d = (offs_d * 0)[None, :]
     cidx = ((pid_b * n_seg + pid_s) * N + nidx) * DIM + offs_d[None, :] * one  # (batch, seg, N, DIM)
+    part_base = ((pid_b * n_dblk + pid_d) * N) * LS  # this channel block's dB/dC partial planes
     if LANE_SUMS:
         lane = offs_d % 32
-        lane_t = lane_position(lane)[None, :]
-        lead = (lane % 4 == 0)[None, :]
+        lane_t = lane_position(lane)[None, :] + tr[:, None] * 0  # (T, BD): the position a lane stores
+        lane_stores = first & (lane % 4 == 0)[None, :]  # one register of one lane in four
     W = tl.load(wc_ptr + cidx, mask=nmask, other=0.0)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((1, BD), dtype=tl.float32)
@@ -210,10 +211,11 @@ def _bwd_kernel(
         gB = tl.zeros((T, BD), dtype=tl.float32)
         qA = tl.zeros((T, BD), dtype=tl.float32)
         bc_off = (pid_b * G + g) * N * LS + offs_t[:, None] + zero_d
-        p_off = ((pid_b * n_dblk + pid_d) * N) * LS + offs_t
         if LANE_SUMS:
-            sum_off = ((pid_b * n_dblk + pid_d) * N) * LS + t0 + lane_t + tr[:, None] * 0
-            sum_mask = first & lead & (t0 + lane_t < L)
+            sum_off = part_base + t0 + lane_t
+            sum_mask = lane_stores & (t0 + lane_t < L)
+        else:
+            p_off = part_base + offs_t
         for n in range(N):
             sel = nidx == n
             An = tl.load(At_ptr + n * DIM + offs_d)[None, :]
