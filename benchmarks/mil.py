@@ -10,6 +10,10 @@ optimizer steps (one bag each, AdamW, loss backward), timed after `--warmup` ste
 from a pool of `--pool` synthetic bags with lattice coordinates (so mamba2d builds real grids).
 Steps are timed in windows of 10 (a device sync ends each) and the median window gives the time per
 bag; the epoch time is that times `--bags`.
+
+Grid models (mamba2d) get each bag's grid from `--loader-workers` DataLoader workers, as `train mil`
+does with `--num-workers`; `--loader-workers 0` builds it inside the step. The features stay on the
+device for every model (no file reading), so the step's own cost is what is compared.
 """
 
 from __future__ import annotations
@@ -35,6 +39,35 @@ def _lattice(n: int, generator):
     return torch.stack([(cells % side) * 256, (cells // side) * 256], dim=1)
 
 
+class _PoolGrids:
+    """Step i's grid (of pool bag i % pool), built where the DataLoader runs it: its workers."""
+
+    def __init__(self, coords: list, width_multiple: int, steps: int):
+        self.coords, self.width_multiple, self.steps = coords, width_multiple, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int):
+        from mambascope.models.mil.grid import patch_grid
+
+        coords = self.coords[i % len(self.coords)]
+        return patch_grid(coords, len(coords), width_multiple=self.width_multiple)
+
+
+def _grids(model, pool: list, device, args: argparse.Namespace):
+    """An iterator of step grids for grid models when the loader builds them; else None."""
+    import torch
+
+    width_multiple = getattr(model, "grid_width_multiple", None)
+    if width_multiple is None or args.loader_workers == 0:
+        return None
+    steps = args.warmup + min(args.timed_steps or args.bags, args.bags) + (3 if args.profile else 0)
+    dataset = _PoolGrids([coords for _, coords, _ in pool], width_multiple(device), steps)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.loader_workers,
+                                            pin_memory=device.type == "cuda"))
+
+
 def _run_one(name: str, args: argparse.Namespace, queue) -> None:
     import torch
 
@@ -50,11 +83,12 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
     model = create_model(name, in_dim=args.dim, num_classes=2, **args.model_args.get(name, {})).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as MILModule trains
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    grids = _grids(model, pool, device, args)
 
     def step(i: int) -> None:
         features, coords, label = pool[i % len(pool)]
         with amp:
-            out = model(features, coords)
+            out = model(features, coords) if grids is None else model(features, coords, grid=next(grids))
             loss = torch.nn.functional.cross_entropy(out.logits.float().unsqueeze(0), label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timed-steps", type=int, default=None, help="time this many steps and extrapolate")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    parser.add_argument("--loader-workers", type=int, default=2,
+                        help="DataLoader workers building grid models' grids (0: built in the step)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="print each model's top CUDA kernels over 3 steps")
     parser.add_argument("--model-args", type=json.loads, default={},
@@ -126,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = next((r for r in results if r["model"] == REFERENCE), None)
     print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {args.patches} x {args.dim}-d"
           f"{' (bf16 autocast)' if args.bf16 else ''}; peak = {results[0]['peak_kind'] if results else '-'}"
-          f"{'; model args ' + json.dumps(args.model_args) if args.model_args else ''}")
+          f"{'; model args ' + json.dumps(args.model_args) if args.model_args else ''}; grids built "
+          f"{f'by {args.loader_workers} loader workers' if args.loader_workers else 'in the step'}")
     print(f"{'model':<13}{'params':>11}{'ms/bag':>10}{'s/epoch':>11}{'peak MiB':>11}{'vs ' + REFERENCE:>18}")
     for r in results:
         ratio = r["epoch_s"] / reference["epoch_s"] if reference else float("nan")

@@ -9,7 +9,7 @@ import torch
 from mambascope.errors import DataError
 from mambascope.models import list_models
 from mambascope.models.mil import MILOutput
-from mambascope.models.mil.grid import lattice_step, patch_grid
+from mambascope.models.mil.grid import dense_ids, lattice_step, patch_grid
 from mambascope.models.mil.mambamil import reorder_permutation
 from mambascope.train.mil_options import MIL_MODELS
 from mil_helpers import IN_DIM, lattice_coords, single_thread, small_model  # noqa: F401
@@ -106,6 +106,17 @@ def test_grid_refuses_layouts_that_are_not_tissue():
         patch_grid(diagonal, 2000)
 
 
+@pytest.mark.parametrize("values", [[7, 3, 3, 0, 9, 7], [5, 0, 5, 10**9, 3]])
+def test_dense_ids_match_unique(values):
+    """Both ways of numbering distinct values (a presence table over a small range, np.unique over a
+    wide one) give np.unique's answer."""
+    values = np.asarray(values)
+    distinct, ids = dense_ids(values)
+    expected_distinct, expected_ids = np.unique(values, return_inverse=True)
+    assert distinct.tolist() == expected_distinct.tolist()
+    assert ids.tolist() == expected_ids.tolist()
+
+
 def test_reorder_permutation():
     assert reorder_permutation(7, 3).tolist() == [0, 3, 6, 1, 4, 2, 5]
     perm = reorder_permutation(1000, 10)
@@ -141,21 +152,19 @@ def test_grid_moves_to_the_features_device_and_module_keeps_coords_on_host():
     assert moved["coords"] is coords and moved["index"] == 0
 
 
-def test_mamba2d_output_does_not_depend_on_grid_width_padding(monkeypatch):
+def test_mamba2d_output_does_not_depend_on_grid_width_padding():
     """On a GPU the grid is widened to 16 columns; the extra cells are masked, so the result is the
-    same as on the tight grid (checked on the CPU by forcing the widening)."""
-    import mambascope.models.mil.mamba2d as mamba2d_module
-
+    same as on the tight grid (checked on the CPU by handing the model a widened grid)."""
     rng = np.random.default_rng(5)
     model = small_model("mamba2d").eval()
     features = torch.randn(90, IN_DIM)
     coords = torch.from_numpy(lattice_coords(rng, 90, step=256))
+    wide_grid = patch_grid(coords, 90, width_multiple=16)
+    assert patch_grid(coords, 90).width % 16 != 0 and wide_grid.width % 16 == 0
+    assert model.grid_width_multiple("cpu") == 1 and model.grid_width_multiple("cuda") == 16
     with torch.no_grad():
-        tight = model(features, coords)
-        tight_width = patch_grid(coords, 90).width
-        monkeypatch.setattr(mamba2d_module, "patch_grid",
-                            lambda c, n, width_multiple=1: patch_grid(c, n, width_multiple=16))
-        wide = model(features, coords)
-    assert tight_width % 16 != 0 and patch_grid(coords, 90, width_multiple=16).width % 16 == 0
+        tight, wide = model(features, coords), model(features, coords, grid=wide_grid)
     torch.testing.assert_close(wide.logits, tight.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wide.scores, tight.scores, rtol=1e-5, atol=1e-7)
+    with pytest.raises(DataError, match="grid places 89 patches but the bag has 90"):
+        model(features, coords, grid=patch_grid(coords[:89], 89))

@@ -195,3 +195,32 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     w2 = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for name, value in w1.items():
         torch.testing.assert_close(w2[name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_mamba2d_trains_on_grids_the_loader_workers_build(tmp_path, monkeypatch):
+    """With `grid_width_multiple`, each bag's grid is built by the dataset (in a worker process here)
+    and the model uses it instead of building its own in the step."""
+    import mambascope.models.mil.mamba2d as mamba2d_module
+    from mambascope.data.bags import BagDataset, attach_features, read_label_table, single_bag
+    from mambascope.models.mil.grid import patch_grid
+    from mambascope.train.mil_module import MILModule
+
+    features, labels, _ = planted_dataset(tmp_path, n_slides=4, patches=(10, 20))
+    bags, _ = attach_features(read_label_table(labels), features)
+    dataset = BagDataset(bags, grid_width_multiple=16)
+    item = dataset[1]
+    expected = patch_grid(item["coords"], len(item["features"]), width_multiple=16)
+    assert item["grid"].width % 16 == 0 and item["grid"].width == expected.width
+    assert torch.equal(item["grid"].cell, expected.cell) and torch.equal(item["grid"].share, expected.share)
+
+    def no_grid_in_the_step(*args, **kwargs):
+        raise AssertionError("the model built a grid although the loader gave it one")
+
+    monkeypatch.setattr(mamba2d_module, "patch_grid", no_grid_in_the_step)
+    module = MILModule("mamba2d", 32, ["normal", "tumor"], {**SMALL["mamba2d"], "dropout": 0.0})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=single_bag, num_workers=1)
+    losses = [module.training_step(batch, 0).item() for batch in loader]
+    assert len(losses) == len(bags) and all(np.isfinite(losses)) and min(losses) > 0
+    with pytest.raises(AssertionError, match="built a grid"):  # without the loader's grid the step builds one
+        module.training_step(BagDataset(bags)[0], 0)

@@ -90,7 +90,8 @@ def print_metrics_summary(metrics: dict[str, Any], title: str) -> None:
 @click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes for multi-node DDP (SLURM: match #SBATCH --nodes).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="DataLoader worker processes reading feature files.")
+              help="DataLoader worker processes that read feature files (and build mamba2d's grids) while "
+                   "the model trains; 2-4 keep a GPU busy.")
 @click.option("--skip-missing", is_flag=True, help="Leave out CSV slides without a features file (with a warning).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the run directory's last.ckpt; finished folds are skipped.")

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from mambascope.errors import DataError
 from mambascope.features.store import FEATURE_SUFFIXES, feature_dim, read_features
+from mambascope.models.mil.grid import patch_grid
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,16 @@ class BagDataset(Dataset):
 
     `max_patches` keeps a random subset of that many patches (in their original order, so sequence
     and grid models still see neighbours in order) — for training; evaluation uses every patch.
+    With `grid_width_multiple` (for grid models such as mamba2d), each item also carries the bag's
+    `PatchGrid` under "grid": built here, so in the DataLoader's worker processes when there are any,
+    and the training step does not wait on it.
     """
 
-    def __init__(self, bags: Sequence[SlideBag], max_patches: int | None = None):
+    def __init__(self, bags: Sequence[SlideBag], max_patches: int | None = None,
+                 grid_width_multiple: int | None = None):
         self.bags = list(bags)
         self.max_patches = max_patches
+        self.grid_width_multiple = grid_width_multiple
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -195,7 +201,13 @@ class BagDataset(Dataset):
             keep = torch.randperm(features.shape[0])[: self.max_patches].sort().values
             features = features[keep]
             coords = None if coords is None else coords[keep]
-        return {"features": features, "coords": coords, "label": torch.tensor(bag.label), "index": index}
+        item = {"features": features, "coords": coords, "label": torch.tensor(bag.label), "index": index}
+        if self.grid_width_multiple is not None:
+            try:
+                item["grid"] = patch_grid(coords, features.shape[0], width_multiple=self.grid_width_multiple)
+            except DataError as error:
+                raise DataError(f"slide {bag.slide_id}: {error.message}", path=bag.path, hint=error.hint) from None
+        return item
 
 
 def single_bag(batch: list[dict]) -> dict:

@@ -247,8 +247,9 @@ class Mamba2D(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
         batch, height, width, _ = hidden.shape
-        if mask is not None:
-            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        keep = mask.unsqueeze(-1).to(hidden.dtype) if mask is not None else None
+        if keep is not None:
+            hidden = hidden * keep
         # The projections are (out, in) @ (batch, in, cells) products: their results come out
         # channel-first, the layout of the conv and the scan, so no layout copies are made (at one
         # slide per step those copies and their gradients were ~10 launches of host time).
@@ -263,6 +264,4 @@ class Mamba2D(nn.Module):
         )
         out = y.flatten(2).transpose(1, 2) @ self.out_proj.weight.t()
         out = out.view(batch, height, width, -1)
-        if mask is not None:
-            out = out * mask.unsqueeze(-1).to(out.dtype)
-        return out
+        return out * keep.to(out.dtype) if keep is not None else out

@@ -275,9 +275,14 @@ def _train_split(cfg: MILTrainConfig, layout: RunLayout, bags: list[SlideBag], s
                             strategy=cfg.strategy, wandb_project=cfg.wandb_project, num_nodes=cfg.num_nodes,
                             progress_bar=cfg.progress_bar, log_every_n_steps=max(1, min(10, len(split.train))),
                             use_distributed_sampler=False)
-    data = BagDataModule(BagDataset([bags[i] for i in split.train], max_patches=cfg.max_patches),
-                         BagDataset([bags[i] for i in split.val]), cfg.sampler, class_weights, cfg.seed,
-                         cfg.num_workers)
+    # grid models get each bag's grid from the loader (its workers build it while the step runs)
+    device = trainer.strategy.root_device
+    grid_width = getattr(module.model, "grid_width_multiple", None)
+    grid_width = grid_width(device) if grid_width else None
+    data = BagDataModule(BagDataset([bags[i] for i in split.train], max_patches=cfg.max_patches,
+                                    grid_width_multiple=grid_width),
+                         BagDataset([bags[i] for i in split.val], grid_width_multiple=grid_width),
+                         cfg.sampler, class_weights, cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero:
         return None

@@ -42,21 +42,28 @@ class MILModule(lightning.LightningModule):
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None):
         return self.model(features, coords)
 
+    def _bag_output(self, batch: dict):
+        """The model on one bag; a grid the loader built goes along (only grid models get one)."""
+        if batch.get("grid") is not None:
+            return self.model(batch["features"], batch["coords"], grid=batch["grid"])
+        return self.model(batch["features"], batch["coords"])
+
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        """Everything but the coords: only grid-building models read them, on the host (a copy on the
-        GPU would cost a synchronisation every step)."""
-        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "coords"}, device,
+        """Everything but the coords and the grid: only grid-building models read coords, on the host
+        (a copy on the GPU would cost a synchronisation every step), and the model moves its grid."""
+        host = ("coords", "grid")
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host}, device,
                                                  dataloader_idx)
-        return {**moved, "coords": batch.get("coords")}
+        return {**moved, **{k: batch[k] for k in host if k in batch}}
 
     def training_step(self, batch: dict, _batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["features"], batch["coords"])
+        out = self._bag_output(batch)
         loss = self.loss_fn(out.logits.unsqueeze(0), batch["label"].view(1))
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, _batch_idx: int) -> None:
-        out = self.model(batch["features"], batch["coords"])
+        out = self._bag_output(batch)
         probs = torch.softmax(out.logits.float(), dim=-1).detach()
         self._val_outputs.append((int(batch["index"]), probs, int(batch["label"])))
 
@@ -127,17 +134,21 @@ class BagDataModule(lightning.LightningDataModule):
     `sequential` (file order). Under DDP the same order is split across ranks (rank r takes every
     world-th bag), so `sequential` on k ranks steps through the same bags as one process
     accumulating k; validation is split without shuffling and gathered back by the module.
+    `pin_memory` (for GPU training) stages each bag in page-locked memory, so that its copy to the
+    device does not hold up the step.
     """
 
     def __init__(self, train: BagDataset, val: BagDataset, sampler: str, class_weights: list[float], seed: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, pin_memory: bool = False):
         super().__init__()
         self.train, self.val = train, val
         self.sampler, self.class_weights, self.seed, self.num_workers = sampler, class_weights, seed, num_workers
+        self.pin_memory = pin_memory
 
     def _loader(self, dataset: BagDataset, sampler) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=single_bag,
-                                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                           pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         from lightning.fabric.utilities.distributed import DistributedSamplerWrapper

@@ -4,6 +4,7 @@ Projected patch features are placed on the grid built from the bag's coordinates
 patches sharing a cell are averaged), mixed by residual `Mamba2D` layers whose mask marks non-tissue
 cells (they neither feed nor receive the scan), normalised, and pooled with gated attention over the
 real cells only. A patch's score is its cell's attention weight split among the patches in the cell.
+The grid is host work; a loader may build it ahead of the step and pass it in (`BagDataset`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mambascope.models.mil.grid import patch_grid
+from mambascope.errors import DataError
+from mambascope.models.mil.grid import PatchGrid, patch_grid
 from mambascope.models.mil.layers import AttentionPooling, projection
 from mambascope.models.mil.output import MILOutput, check_bag
 from mambascope.models.registry import register_model
@@ -47,11 +49,23 @@ class Mamba2DMIL(nn.Module):
         self.pool = AttentionPooling(dim, attn_dim, gated=True, dropout=dropout)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+    def grid_width_multiple(self, device: torch.device | str) -> int:
+        """Grid rows 16 cells wide on a GPU spare the 2D scan its padding copies (the extra cells are
+        masked); elsewhere the grid keeps its width."""
+        return 16 if torch.device(device).type == "cuda" else 1
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None,
+                grid: PatchGrid | None = None) -> MILOutput:
+        """`grid`: the bag's placement when built ahead of the step, e.g. by the DataLoader workers
+        (`BagDataset(grid_width_multiple=…)`); else it is built here from `coords`."""
         check_bag(features, coords, self.in_dim)
+        if grid is not None and grid.cell.numel() != features.shape[0]:
+            raise DataError(f"the patch grid places {grid.cell.numel()} patches but the bag has {features.shape[0]}",
+                            hint="build the grid from this bag's coords (patch_grid(coords, len(features)))")
         h = self.embed(features)
-        # on a GPU, rows 16 cells wide spare the 2D scan its padding copies (the extra cells are masked)
-        grid = patch_grid(coords, features.shape[0], width_multiple=16 if h.is_cuda else 1).to(h.device)
+        if grid is None:
+            grid = patch_grid(coords, features.shape[0], width_multiple=self.grid_width_multiple(h.device))
+        grid = grid.to(h.device)
         # each cell holds the mean of its patches: every patch adds its share of the cell
         canvas = h.new_zeros(grid.height * grid.width, h.shape[1])
         canvas = canvas.index_add(0, grid.cell, h * grid.share.unsqueeze(1).to(h.dtype))
