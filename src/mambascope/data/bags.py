@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from mambascope.errors import DataError
 from mambascope.features.store import FEATURE_SUFFIXES, feature_dim, read_features
-from mambascope.models.mil.grid import patch_grid
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +202,8 @@ class BagDataset(Dataset):
             coords = None if coords is None else coords[keep]
         item = {"features": features, "coords": coords, "label": torch.tensor(bag.label), "index": index}
         if self.grid_width_multiple is not None:
+            from mambascope.models.mil.grid import patch_grid  # importing the models package loads timm
+
             try:
                 item["grid"] = patch_grid(coords, features.shape[0], width_multiple=self.grid_width_multiple)
             except DataError as error:
