@@ -277,8 +277,8 @@ def _train_split(cfg: MILTrainConfig, layout: RunLayout, bags: list[SlideBag], s
                             use_distributed_sampler=False)
     # grid models get each bag's grid from the loader (its workers build it while the step runs)
     device = trainer.strategy.root_device
-    grid_width = getattr(module.model, "grid_width_multiple", None)
-    grid_width = grid_width(device) if grid_width else None
+    width_for = getattr(module.model, "grid_width_multiple", None)
+    grid_width = width_for(device) if width_for else None
     data = BagDataModule(BagDataset([bags[i] for i in split.train], max_patches=cfg.max_patches,
                                     grid_width_multiple=grid_width),
                          BagDataset([bags[i] for i in split.val], grid_width_multiple=grid_width),

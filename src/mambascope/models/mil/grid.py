@@ -79,7 +79,10 @@ def lattice_step(coords: torch.Tensor | np.ndarray) -> int:
     Without neighbours on any line (e.g. scattered patches), the most frequent gap between distinct
     x or y values stands in; a single patch has step 1.
     """
-    x, y = _host_axes(coords)
+    return _axes_step(*_host_axes(coords))
+
+
+def _axes_step(x: np.ndarray, y: np.ndarray) -> int:
     gaps = np.concatenate([_line_gaps(x, y), _line_gaps(y, x)])
     gaps = gaps[gaps > 0]
     if gaps.size == 0:
@@ -121,7 +124,7 @@ def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, width
         rows, cols = np.divmod(np.arange(num_patches), cols_used)
     else:
         x, y = _host_axes(coords)
-        step = lattice_step(coords)
+        step = _axes_step(x, y)
         cols, rows = _axis_positions(x, step), _axis_positions(y, step)
         cols_used = int(cols.max()) + 1
     height, width = int(rows.max()) + 1, -(-cols_used // width_multiple) * width_multiple
