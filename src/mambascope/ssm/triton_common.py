@@ -92,6 +92,17 @@ def delta_act_grad(raw, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def store_gated(out_ptr, xoff, y, u, Dv, z_ptr, m, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """The forward kernels' output: `(y + D u) * silu(z)` (mamba-ssm's order), stored at xoff."""
+    if HAS_D:
+        y += Dv * u
+    if HAS_Z:
+        zz = tl.load(z_ptr + xoff, mask=m, other=0.0).to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    tl.store(out_ptr + xoff, y, mask=m)
+
+
+@triton.jit
 def _next_combine(f1, s1, c1, f2, s2, c2):
     """Monoid of (first, second, count) over a run of positions; in a reverse scan the right part
     comes first (f1, s1, c1) and the part prepended to it second."""

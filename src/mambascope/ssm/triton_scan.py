@@ -47,6 +47,7 @@ from mambascope.ssm.triton_common import (
     pow2,
     reverse_lin_scan,
     shift_next,
+    store_gated,
 )
 
 
@@ -100,8 +101,7 @@ def _fwd_kernel(
     pid_b = tl.program_id(2).to(tl.int64)
     offs_d, g, nidx, nmask, bias = channel_block(pid_d, dpg, bias_ptr, N, NP, BD, HAS_BIAS)
     A2 = tl.load(A_ptr + offs_d[None, :] * N + nidx * one, mask=nmask, other=0.0) * 1.4426950408889634
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d)[None, :]
+    Dv = tl.load(D_ptr + offs_d)[None, :] if HAS_D else 0.0
     seq = pid_b * DIM + offs_d
     state_off = seq[None, :] * N + nidx * one  # (NP, BD) offsets of (seq, n)
     if HAS_CARRY:
@@ -139,12 +139,7 @@ def _fwd_kernel(
             _, h = tl.associative_scan((a, x), axis=0, combine_fn=lin_combine)
             y += Cn * h
             H = tl.where(sel, tl.sum(tl.where(lastr, h, 0.0), axis=0)[None, :], H)
-        if HAS_D:
-            y += Dv * u
-        if HAS_Z:
-            zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(out_ptr + xoff, y, mask=tm)
+        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, tm, HAS_D, HAS_Z)
     if WRITE_LAST:
         tl.store(last_ptr + state_off, H, mask=nmask & (pid_s == n_seg - 1))
 

@@ -49,6 +49,7 @@ from mambascope.ssm.triton_common import (
     lin_combine,
     parameter_grads,
     pow2,
+    store_gated,
 )
 
 
@@ -175,8 +176,7 @@ def _fwd_kernel(
     offs_d, g, nidx, nmask, tr, A2, bias = _block_setup(pid_d, dpg, A_ptr, bias_ptr, one, N, NP, BD, WB, HAS_BIAS)
     first = tr == 0
     zero_d = offs_d * 0
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d)
+    Dv = tl.load(D_ptr + offs_d) if HAS_D else 0.0
     seq = pid_b * DIM + offs_d
     row0 = rb * RH
     n_rows = tl.minimum(RH, H - row0)
@@ -211,12 +211,7 @@ def _fwd_kernel(
                 Cn = tl.load(C_ptr + boff, mask=cm, other=0.0).to(tl.float32)
                 y += Cn * Vn
         if not SUMMARY:
-            if HAS_D:
-                y += Dv * u
-            if HAS_Z:
-                zz = tl.load(z_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
-                y = y * zz * tl.sigmoid(zz)
-            tl.store(out_ptr + xoff, y, mask=cm)
+            store_gated(out_ptr, xoff, y, u, Dv, z_ptr, cm, HAS_D, HAS_Z)
     if SUMMARY:
         tl.store(S_ptr + cidx, colsum, mask=cm)
         tl.store(agg_ptr + cidx * N + nidx * one, V, mask=nmask & cm)
