@@ -73,7 +73,9 @@ class Mamba2DMIL(nn.Module):
         mask = grid.occupied.view(1, grid.height, grid.width)
         for layer in self.layers:
             x = layer(x, mask)
-        tokens = self.norm(x.reshape(grid.height * grid.width, -1)[grid.cells])
+        # index_select, not x[cells]: its gradient is a plain index_add (the cells are distinct), where
+        # advanced indexing's goes through a sorting index_put (~0.25 ms of host time a step)
+        tokens = self.norm(x.reshape(grid.height * grid.width, -1).index_select(0, grid.cells))
         pooled, weights = self.pool(tokens)
         return MILOutput(logits=self.head(pooled), scores=weights[grid.inverse] * grid.share.to(weights.dtype))
 
