@@ -141,7 +141,12 @@ def test_grid_moves_to_the_features_device_and_module_keeps_coords_on_host():
     from mambascope.train.mil_module import MILModule
 
     coords = torch.tensor([[0, 0], [256, 0], [0, 256]])
-    grid = patch_grid(coords, 3).to("meta")
+    host_grid = patch_grid(coords, 3)
+    # one tensor holds every part (a DataLoader hands one tensor over, one copy moves it to a GPU)
+    parts = (host_grid.cell, host_grid.cells, host_grid.inverse, host_grid.counts, host_grid.occupied, host_grid.share)
+    assert {t.untyped_storage().data_ptr() for t in parts} == {host_grid.buffer.untyped_storage().data_ptr()}
+    assert host_grid.occupied.tolist() == [True, True, True, False] and host_grid.share.tolist() == [1.0, 1.0, 1.0]
+    grid = host_grid.to("meta")
     assert (grid.height, grid.width) == (2, 2)
     assert all(t.device.type == "meta" for t in (grid.cell, grid.cells, grid.inverse, grid.counts, grid.occupied,
                                                    grid.share))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -27,35 +28,64 @@ MAX_CELLS_PER_PATCH = 64
 _MIN_CELL_BUDGET = 1 << 20
 
 
-@dataclass(frozen=True)
+# the grid's arrays, back to back in one byte buffer: (name, dtype, length: "patches", "cells" or "grid");
+# the 8-byte parts come first, so every part starts aligned to its element size
+_PARTS = (("cell", torch.int64, "patches"), ("cells", torch.int64, "cells"), ("inverse", torch.int64, "patches"),
+          ("counts", torch.int64, "cells"), ("share", torch.float32, "patches"), ("occupied", torch.bool, "grid"))
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.bool: np.bool_}
+
+
+@dataclass(frozen=True, eq=False)
 class PatchGrid:
     """`cell` (N,) flat cell of each patch on an `height` × `width` grid; `cells` the distinct occupied
     cells (M,), `inverse` (N,) each patch's position in `cells`, `counts` (M,) patches per cell;
     `occupied` (height × width,) bool marks the cells with patches and `share` (N,) float32 is each
-    patch's share of its cell, 1 / its cell's count (both made here so a device need not derive them)."""
+    patch's share of its cell, 1 / its cell's count (both made here so a device need not derive them).
+
+    The arrays are views of one byte `buffer`, so a grid travels as one tensor: from DataLoader workers
+    to the training process (each tensor costs that process a shared-memory handle and a pinned
+    copy) and from host to GPU (one copy instead of six)."""
 
     height: int
     width: int
-    cell: torch.Tensor
-    cells: torch.Tensor
-    inverse: torch.Tensor
-    counts: torch.Tensor
-    occupied: torch.Tensor
-    share: torch.Tensor
+    num_patches: int
+    num_cells: int
+    buffer: torch.Tensor
 
-    def _map(self, move) -> PatchGrid:
-        tensors = (self.cell, self.cells, self.inverse, self.counts, self.occupied, self.share)
-        return PatchGrid(self.height, self.width, *(move(t) for t in tensors))
+    def _part(self, name: str) -> torch.Tensor:
+        lengths = {"patches": self.num_patches, "cells": self.num_cells, "grid": self.height * self.width}
+        start = 0
+        for part, dtype, length in _PARTS:
+            size = lengths[length] * dtype.itemsize
+            if part == name:
+                return self.buffer[start:start + size].view(dtype)
+            start += size
+        raise KeyError(name)
+
+    cell = cached_property(lambda self: self._part("cell"))
+    cells = cached_property(lambda self: self._part("cells"))
+    inverse = cached_property(lambda self: self._part("inverse"))
+    counts = cached_property(lambda self: self._part("counts"))
+    share = cached_property(lambda self: self._part("share"))
+    occupied = cached_property(lambda self: self._part("occupied"))
+
+    def _moved(self, buffer: torch.Tensor) -> PatchGrid:
+        return PatchGrid(self.height, self.width, self.num_patches, self.num_cells, buffer)
 
     def to(self, device: torch.device | str) -> PatchGrid:
-        """The same grid with its tensors on `device` (host-to-device copies do not wait on the
-        device's queue)."""
-        return self._map(lambda t: t.to(device, non_blocking=True))
+        """The same grid on `device` (the host-to-device copy does not wait on the device's queue)."""
+        return self._moved(self.buffer.to(device, non_blocking=True))
 
     def pin_memory(self) -> PatchGrid:
         """The same grid in page-locked host memory (a DataLoader with `pin_memory=True` calls this),
         from which copies to a GPU run asynchronously."""
-        return self._map(torch.Tensor.pin_memory)
+        return self._moved(self.buffer.pin_memory())
+
+
+def _packed(height: int, width: int, arrays: dict[str, np.ndarray]) -> PatchGrid:
+    """A PatchGrid whose buffer holds `arrays` (keyed by part name) in `_PARTS` order."""
+    chunks = [np.ascontiguousarray(arrays[name], dtype=_NUMPY_DTYPES[dtype]).view(np.uint8) for name, dtype, _ in _PARTS]
+    return PatchGrid(height, width, len(arrays["cell"]), len(arrays["cells"]), torch.from_numpy(np.concatenate(chunks)))
 
 
 def _host_axes(coords: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +166,6 @@ def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, width
     counts = np.bincount(inverse)
     occupied = np.zeros(height * width, dtype=bool)
     occupied[cells] = True
-    share = (1.0 / counts[inverse]).astype(np.float32)
-    indices = (torch.from_numpy(t.astype(np.int64)) for t in (cell, cells, inverse, counts))
-    return PatchGrid(height, width, *indices, torch.from_numpy(occupied), torch.from_numpy(share))
+    share = 1.0 / counts[inverse]
+    return _packed(height, width, {"cell": cell, "cells": cells, "inverse": inverse, "counts": counts,
+                                   "share": share, "occupied": occupied})
