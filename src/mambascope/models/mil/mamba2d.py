@@ -59,8 +59,8 @@ class Mamba2DMIL(nn.Module):
         """`grid`: the bag's placement when built ahead of the step, e.g. by the DataLoader workers
         (`BagDataset(grid_width_multiple=…)`); else it is built here from `coords`."""
         check_bag(features, coords, self.in_dim)
-        if grid is not None and grid.cell.numel() != features.shape[0]:
-            raise DataError(f"the patch grid places {grid.cell.numel()} patches but the bag has {features.shape[0]}",
+        if grid is not None and grid.num_patches != features.shape[0]:
+            raise DataError(f"the patch grid places {grid.num_patches} patches but the bag has {features.shape[0]}",
                             hint="build the grid from this bag's coords (patch_grid(coords, len(features)))")
         h = self.embed(features)
         if grid is None:
