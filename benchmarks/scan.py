@@ -423,7 +423,8 @@ SWEEP_2D = [
     dict(WB=16, WB_BWD=32),
     dict(WB=64, WB_BWD=64),
     dict(programs=512),
-    dict(CH=32),
+    dict(CH=16),
+    dict(warps_bwd=4),
 ]
 
 

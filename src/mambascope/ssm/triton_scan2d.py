@@ -27,6 +27,7 @@ Backward, three launches plus a small chain:
    (left, top, bottom, right) known it recomputes r and h in the tile, runs both adjoint scans and
    forms every gradient. B and C are loaded once per tile and dB, dC are summed over the CH channels
    in registers: shared B/C get exact gradients from a deterministic sum of partials, no atomics.
+   The two adjoint scans run backwards; they are done as forward scans on the mirrored tile.
 """
 
 from __future__ import annotations
@@ -66,19 +67,18 @@ class Scan2DConfig:
     programs: int = 1024
     WB_BWD: int = 32
     R: int = 4
-    CH: int = 16
-    warps_bwd: int = 4
+    CH: int = 32
+    warps_bwd: int = 2
 
 
 def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2DConfig:
+    """Measured on an H100 (benchmarks/NOTES_scan.md, version 18): backward tiles on 2 warps with 32
+    channels beat 4 warps on every benchmark grid (217 x 387 x 256 -3%, the MIL grid -5%,
+    256 x 256 x 512 -9%), although they spill a little: the 4-warp tile's cross-warp state sums and
+    2 programs a SM left it waiting; 32 channels halve the dB/dC partials."""
     if interpreting():
         return Scan2DConfig(WB=4, programs=8, WB_BWD=8, R=2, CH=2, warps_bwd=1)
-    # 32 channels a backward program halve the dB/dC partials (217 x 387 x 256: -85 MiB, 1% faster)
-    # while that still leaves 1024 or more programs; below that they are too few (the MIL grid
-    # 114 x 128 x 256, 928 programs: 1.5% slower)
-    cfg = Scan2DConfig()
-    tiles = batch * triton.cdiv(H, cfg.R) * triton.cdiv(W, cfg.WB_BWD)
-    return dataclasses.replace(cfg, CH=32) if tiles * (dim // 32) >= 1024 else cfg
+    return Scan2DConfig()
 
 
 @triton.jit
@@ -96,17 +96,17 @@ def _block_setup(pid_d, dpg, A_ptr, bias_ptr, one, N: tl.constexpr, NP: tl.const
 
 
 @triton.jit
-def _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, moff, cx, cm, bias, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Δ (zero on masked cells and beyond u's width) and u of one row of a column block, as float32;
-    cx marks the columns inside u's own width, cm those inside the mask's (padded) width. The
-    forward kernels read padded inputs and pass cm for both: a second mask costs them registers
-    they do not have (at 255, it made the forward kernel 1.5x slower)."""
-    valid = cx
+def _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, moff, cm, bias, SOFTPLUS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Δ (zero on masked cells and beyond the width) and u of one row of a column block, as float32.
+    The forward kernels read inputs padded to the mask's width, so one column mask serves every
+    load (a second mask for unpadded inputs cost the forward kernel registers it does not have: at
+    255 it was 1.5x slower)."""
+    valid = cm
     if HAS_MASK:
         mk = tl.load(mask_ptr + moff, mask=cm, other=0)
         valid = valid & (mk != 0)
-    raw = tl.load(dl_ptr + xoff, mask=cx, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + xoff, mask=cx, other=0.0).to(tl.float32)
+    raw = tl.load(dl_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + xoff, mask=cm, other=0.0).to(tl.float32)
     return tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0), u
 
 
@@ -148,7 +148,7 @@ def _row_carry_kernel(
         col = cb * WB + tr
         cm = col < W
         dt, u = _row_inputs(u_ptr, dl_ptr, mask_ptr, pid_b * sb + offs_d * sd + i * sh + col * sw,
-                            (pid_b * H + i) * W + col + zero_d, cm, cm, bias, SOFTPLUS, HAS_MASK)
+                            (pid_b * H + i) * W + col + zero_d, cm, bias, SOFTPLUS, HAS_MASK)
         dtu = dt * u
         for n in tl.static_range(N):
             sel = nidx == n
@@ -203,8 +203,8 @@ def _fwd_kernel(
             sptr = htop_ptr + ((seq * n_rb + i // R) * N + nidx * one) * W + col
             tl.store(sptr, V, mask=nmask & cm & (i % R == 0))
         xoff = pid_b * sb + offs_d * sd + i * sh + col * sw
-        dt, u = _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, (pid_b * H + i) * W + col + zero_d, cm, cm, bias,
-                            SOFTPLUS, HAS_MASK)
+        dt, u = _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, (pid_b * H + i) * W + col + zero_d, cm, bias, SOFTPLUS,
+                            HAS_MASK)
         colsum += dt
         dtu = dt * u
         Hl = tl.load(rowc_ptr + (((pid_b * H + i) * n_cb + cb) * N + nidx) * DIM + offs_d * one, mask=nmask, other=0.0)
@@ -248,17 +248,37 @@ def _vrev_kernel(
     cx = col < WR
     bc_base = (pid_b * G + g) * N * H * W
     Wv = tl.zeros((NP, WB, BD), dtype=tl.float32)
+    # The next row's inputs are loaded before this row is worked on, so their latency hides behind
+    # it (measured: forward+backward -1% on 217 x 387 x 256, -3% on the MIL grid). Row H-1-k sits k
+    # rows above the bottom row's offsets.
+    xlast = (seq * H + H - 1) * WR + col
+    mlast = (pid_b * H + H - 1) * W + col + zero_d
+    raw_next = tl.load(dl_ptr + xlast, mask=cx, other=0.0)
+    dout_next = tl.load(dout_ptr + xlast, mask=cx, other=0.0)
+    if HAS_Z:
+        z_next = tl.load(z_ptr + xlast, mask=cx, other=0.0)
+    if HAS_MASK:
+        mask_next = tl.load(mask_ptr + mlast, mask=cm, other=0)
     for k in range(H):
         i = H - 1 - k
         block_end = (i % R == R - 1) | (i == H - 1)
         gptr = gbot_ptr + ((seq * n_rb + i // R) * N + nidx * one) * W + col
         tl.store(gptr, Wv, mask=nmask & cm & block_end)
-        xoff = (seq * H + i) * WR + col
-        dt, dy = _row_inputs(dout_ptr, dl_ptr, mask_ptr, xoff, (pid_b * H + i) * W + col + zero_d, cx, cm, bias,
-                             SOFTPLUS, HAS_MASK)
+        valid = cx
+        if HAS_MASK:
+            valid = valid & (mask_next != 0)
+        dt = tl.where(valid, delta_act(raw_next.to(tl.float32), bias, SOFTPLUS), 0.0)
+        dy = dout_next.to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + xoff, mask=cx, other=0.0).to(tl.float32)
+            zz = z_next.to(tl.float32)
             dy = dy * zz * tl.sigmoid(zz)
+        next_in = cx & (i > 0)
+        raw_next = tl.load(dl_ptr + xlast - (k + 1) * WR, mask=next_in, other=0.0)
+        dout_next = tl.load(dout_ptr + xlast - (k + 1) * WR, mask=next_in, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_ptr + xlast - (k + 1) * WR, mask=next_in, other=0.0)
+        if HAS_MASK:
+            mask_next = tl.load(mask_ptr + mlast - (k + 1) * W, mask=cm & (i > 0), other=0)
         cs = tl.cumsum(dt, axis=1)
         wagg = tl.zeros((NP, 1, BD), dtype=tl.float32)
         for n in tl.static_range(N):
@@ -271,6 +291,12 @@ def _vrev_kernel(
         row = seq * H + i
         tl.store(S_ptr + row * n_cb + cb, tl.sum(dt, axis=1, keep_dims=True))
         tl.store(agg_ptr + (row * n_cb + cb) * N + nidx * one, wagg, mask=nmask)
+
+
+@triton.jit
+def _mirror(x):
+    """x with its last two axes (tile rows and columns) reversed."""
+    return tl.flip(tl.flip(x, len(x.shape) - 1), len(x.shape) - 2)
 
 
 @triton.jit
@@ -295,18 +321,27 @@ def _bwd_kernel(
     cx = cols < WR
     inside = rm[:, None] & cm[None, :]  # B, C, the saved states and the partials: padded width W
     in_x = rm[:, None] & cx[None, :]  # u, delta, z, dout and their gradients: their own width WR
-    down_in = (rows + 1 < H)[:, None] & cx[None, :]
-    right_in = rm[:, None] & (cols + 1 < WR)[None, :]
     cell = rows[:, None] * W + cols[None, :]
     xcell = rows[:, None] * WR + cols[None, :]
+    # The adjoint scans run right to left and bottom to top. They run as forward scans on the tile
+    # mirrored (both axes reversed: row R-1-i, column WB-1-j at index (i, j)), whose inputs are
+    # loaded mirrored and whose results are mirrored back (`_mirror`): Triton lowers
+    # `associative_scan(..., reverse=True)` on this tile with 352-416 shuffles where the forward scan
+    # takes 32-96, and the flips cost less than the difference (217 x 387 x 256 f+b -2%).
+    mrows = rb * R + (R - 1) - tl.arange(0, R)
+    mcols = cb * WB + (WB - 1) - tl.arange(0, WB)
+    m_down_in = (mrows + 1 < H)[:, None] & (mcols < WR)[None, :]
+    m_right_in = (mrows < H)[:, None] & (mcols + 1 < WR)[None, :]
+    mcell = mrows[:, None] * W + mcols[None, :]
+    mxcell = mrows[:, None] * WR + mcols[None, :]
     valid = in_x
-    valid_dn = down_in
-    valid_rt = right_in
+    valid_dn = m_down_in
+    valid_rt = m_right_in
     if HAS_MASK:
-        mbase = mask_ptr + pid_b * H * W + cell
-        valid = valid & (tl.load(mbase, mask=in_x, other=0) != 0)
-        valid_dn = valid_dn & (tl.load(mbase + W, mask=down_in, other=0) != 0)
-        valid_rt = valid_rt & (tl.load(mbase + 1, mask=right_in, other=0) != 0)
+        mbase = mask_ptr + pid_b * H * W
+        valid = valid & (tl.load(mbase + cell, mask=in_x, other=0) != 0)
+        valid_dn = valid_dn & (tl.load(mbase + mcell + W, mask=m_down_in, other=0) != 0)
+        valid_rt = valid_rt & (tl.load(mbase + mcell + 1, mask=m_right_in, other=0) != 0)
     offs_n = tl.arange(0, NP)
     nm = offs_n < N
     g = (pid_c * CH) // dpg
@@ -316,8 +351,8 @@ def _bwd_kernel(
     Ct = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
     dB_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
     dC_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
-    last_row = (tl.arange(0, R) == R - 1)[None, :, None]
-    last_col = (tl.arange(0, WB) == WB - 1)[None, None, :]
+    first_row = (tl.arange(0, R) == 0)[None, :, None]
+    first_col = (tl.arange(0, WB) == 0)[None, None, :]
     n_tiles = n_rb * n_cb
     for dd in range(CH):
         d = pid_c * CH + dd
@@ -328,9 +363,10 @@ def _bwd_kernel(
         xoff = seq * H * WR + xcell
         raw = tl.load(dl_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
         dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
-        raw_dn = tl.load(dl_ptr + xoff + WR, mask=down_in, other=0.0).to(tl.float32)
+        mxoff = seq * H * WR + mxcell
+        raw_dn = tl.load(dl_ptr + mxoff + WR, mask=m_down_in, other=0.0).to(tl.float32)
         dt_dn = tl.where(valid_dn, delta_act(raw_dn, bias, SOFTPLUS), 0.0)
-        raw_rt = tl.load(dl_ptr + xoff + 1, mask=right_in, other=0.0).to(tl.float32)
+        raw_rt = tl.load(dl_ptr + mxoff + 1, mask=m_right_in, other=0.0).to(tl.float32)
         dt_rt = tl.where(valid_rt, delta_act(raw_rt, bias, SOFTPLUS), 0.0)
         u = tl.load(u_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
@@ -338,7 +374,6 @@ def _bwd_kernel(
         dA = tl.exp2(dt[None, :, :] * A2)
         x = dtu[None, :, :] * Bt
         # recompute the row states r and the column states h of the tile
-        row_idx = ((seq * H + rows[None, :]) * n_cb + cb) * N + offs_n[:, None]  # (NP, R)
         hl_idx = (((pid_b * H + rows[None, :]) * n_cbf + cb * cbf_step) * N + offs_n[:, None]) * DIM + d
         hl = tl.load(hrl_ptr + hl_idx, mask=nm[:, None] & rm[None, :], other=0.0)
         ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
@@ -358,15 +393,18 @@ def _bwd_kernel(
             tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=in_x)
         else:
             dy = dout
-        # adjoint of the column pass, then of the row pass
-        gb = tl.load(gbot_ptr + col_idx, mask=nm[:, None] & cm[None, :], other=0.0)
-        a_dn = tl.where(last_row, 0.0, tl.exp2(dt_dn[None, :, :] * A2))
-        c1 = dy[None, :, :] * Ct + tl.where(last_row, gb[:, None, :], 0.0)
-        _, gh = tl.associative_scan((a_dn, c1), axis=1, combine_fn=lin_combine, reverse=True)
-        gr = tl.load(ghr_ptr + row_idx, mask=nm[:, None] & rm[None, :], other=0.0)
-        a_rt = tl.where(last_col, 0.0, tl.exp2(dt_rt[None, :, :] * A2))
-        c2 = gh + tl.where(last_col, gr[:, :, None], 0.0)
-        _, ghr = tl.associative_scan((a_rt, c2), axis=2, combine_fn=lin_combine, reverse=True)
+        # adjoint of the column pass, then of the row pass, on the mirrored tile (the decay of the
+        # first mirrored row / column is never used by the scan)
+        gb = tl.load(gbot_ptr + ((seq * n_rb + rb) * N + offs_n[:, None]) * W + mcols[None, :],
+                     mask=nm[:, None] & (mcols < W)[None, :], other=0.0)
+        c1 = _mirror(dy[None, :, :] * Ct) + tl.where(first_row, gb[:, None, :], 0.0)
+        _, gh = tl.associative_scan((tl.exp2(dt_dn[None, :, :] * A2), c1), axis=1, combine_fn=lin_combine)
+        gr = tl.load(ghr_ptr + ((seq * H + mrows[None, :]) * n_cb + cb) * N + offs_n[:, None],
+                     mask=nm[:, None] & (mrows < H)[None, :], other=0.0)
+        c2 = gh + tl.where(first_col, gr[:, :, None], 0.0)
+        _, ghr = tl.associative_scan((tl.exp2(dt_rt[None, :, :] * A2), c2), axis=2, combine_fn=lin_combine)
+        gh = _mirror(gh)
+        ghr = _mirror(ghr)
         # q = a * dL/da: the decay feeds both passes
         q = gh * (h - hr) + ghr * (hr - x)
         dB_acc += ghr * dtu[None, :, :]
@@ -503,8 +541,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
         hrl, htop, gbot, ghr,
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
         dim, dpg, G, H, W, WR, n_cb, n_rb, n_chblk, triton.cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
-        N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags,
-        num_warps=cfg.warps_bwd,
+        N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags, num_warps=cfg.warps_bwd,
     )
     per_group = n_chblk // G
     dB = dBp.view(batch, G, per_group, N, H, W).sum(2)
