@@ -121,8 +121,9 @@ def _fwd_kernel(
     # their latency hides behind that work (`tl.range` with `num_stages` made the loop 10x slower)
     if PREFETCH:
         next_in = ((t_lo + tr) < t_end)[:, None]
-        raw_next = tl.load(dl_ptr + seq[None, :] * LS + (t_lo + tr)[:, None], mask=next_in, other=0.0)
-        u_next = tl.load(u_ptr + seq[None, :] * LS + (t_lo + tr)[:, None], mask=next_in, other=0.0)
+        first_off = seq[None, :] * LS + (t_lo + tr)[:, None]
+        raw_next = tl.load(dl_ptr + first_off, mask=next_in, other=0.0)
+        u_next = tl.load(u_ptr + first_off, mask=next_in, other=0.0)
     for k in range(n_t):
         t0 = t_lo + k * T
         offs_t = t0 + tr

@@ -71,11 +71,12 @@ class Scan2DConfig:
     warps_bwd: int = 2
 
 
-def default_config(batch: int, dim: int, H: int, W: int, n_state: int) -> Scan2DConfig:
+def default_config() -> Scan2DConfig:
     """Measured on an H100 (benchmarks/NOTES_scan.md, version 18): backward tiles on 2 warps with 32
     channels beat 4 warps on every benchmark grid (217 x 387 x 256 -3%, the MIL grid -5%,
     256 x 256 x 512 -9%), although they spill a little: the 4-warp tile's cross-warp state sums and
-    2 programs a SM left it waiting; 32 channels halve the dB/dC partials."""
+    2 programs a SM left it waiting; 32 channels halve the dB/dC partials. The same for every grid
+    (the interpreter takes small tiles)."""
     if interpreting():
         return Scan2DConfig(WB=4, programs=8, WB_BWD=8, R=2, CH=2, warps_bwd=1)
     return Scan2DConfig()
@@ -295,8 +296,8 @@ def _vrev_kernel(
 
 @triton.jit
 def _mirror(x):
-    """x with its last two axes (tile rows and columns) reversed."""
-    return tl.flip(tl.flip(x, len(x.shape) - 1), len(x.shape) - 2)
+    """An (states, rows, columns) tile with its rows and columns reversed."""
+    return tl.flip(tl.flip(x, 2), 1)
 
 
 @triton.jit
@@ -378,7 +379,8 @@ def _bwd_kernel(
         hl = tl.load(hrl_ptr + hl_idx, mask=nm[:, None] & rm[None, :], other=0.0)
         ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
         hr = ap * hl[:, :, None] + bp
-        col_idx = ((seq * n_rb + rb) * N + offs_n[:, None]) * W + cols[None, :]  # (NP, WB)
+        col_base = ((seq * n_rb + rb) * N + offs_n[:, None]) * W  # this tile's saved column states
+        col_idx = col_base + cols[None, :]  # (NP, WB)
         ht = tl.load(htop_ptr + col_idx, mask=nm[:, None] & cm[None, :], other=0.0)
         ap2, bp2 = tl.associative_scan((dA, hr), axis=1, combine_fn=lin_combine)
         h = ap2 * ht[:, None, :] + bp2
@@ -395,8 +397,7 @@ def _bwd_kernel(
             dy = dout
         # adjoint of the column pass, then of the row pass, on the mirrored tile (the decay of the
         # first mirrored row / column is never used by the scan)
-        gb = tl.load(gbot_ptr + ((seq * n_rb + rb) * N + offs_n[:, None]) * W + mcols[None, :],
-                     mask=nm[:, None] & (mcols < W)[None, :], other=0.0)
+        gb = tl.load(gbot_ptr + col_base + mcols[None, :], mask=nm[:, None] & (mcols < W)[None, :], other=0.0)
         c1 = _mirror(dy[None, :, :] * Ct) + tl.where(first_row, gb[:, None, :], 0.0)
         _, gh = tl.associative_scan((tl.exp2(dt_dn[None, :, :] * A2), c1), axis=1, combine_fn=lin_combine)
         gr = tl.load(ghr_ptr + ((seq * H + mrows[None, :]) * n_cb + cb) * N + offs_n[:, None],
@@ -582,7 +583,7 @@ class _SelectiveScan2D(torch.autograd.Function):
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
         mask8 = mask.view(torch.uint8) if mask is not None else None  # contiguous already
-        cfg = cfg or default_config(*u.shape, A.shape[1])
+        cfg = cfg or default_config()
         save = any(ctx.needs_input_grad[:8])
         out, hrl, htop = _forward(_pad_width(uc, pad), _pad_width(dc, pad), A32, Bg, Cg, D32,
                                   _pad_width(zc, pad) if zc is not None else None, b32, delta_softplus, mask8, save,
