@@ -154,6 +154,23 @@ def test_mamba2d_without_mask_and_gradients():
     assert all(p.grad is not None for p in block.parameters())
 
 
+def test_channel_product_matches_matmul_and_keeps_each_grid_of_a_batch_its_own():
+    from mambascope.ssm.blocks import channel_product
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 11, 5, generator=gen, dtype=torch.float64).transpose(1, 2)  # channel-first view
+    out = channel_product(weight, x)
+    assert out.is_contiguous() and out.shape == (3, 7, 11)
+    torch.testing.assert_close(out, weight @ x)
+    block = Mamba2D(8, d_state=4).double()
+    grids = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 3, 5, generator=gen) < 0.7
+    together = block(grids, mask)
+    for i in range(2):
+        torch.testing.assert_close(together[i : i + 1], block(grids[i : i + 1], mask[i : i + 1]))
+
+
 def test_mamba_learns_to_recall_the_first_token():
     """Learning signal: the answer sits at position 0 and is read out at the last position, so the
     selective state has to carry it through 7 distractors."""

@@ -88,3 +88,57 @@ def test_cpu_tensors_without_interpreter_are_a_config_error(monkeypatch):
     g = torch.zeros(1, 2, 3, 4)
     with pytest.raises(ConfigError, match="CUDA"):
         selective_scan_2d_triton(g, g, torch.zeros(2, 3), torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 4))
+
+
+def test_argument_specialisation_tells_apart_what_triton_specialises():
+    from mambascope.ssm.triton_common import argument_specialisation as spec
+
+    base = torch.zeros(64)
+    assert spec(base) == spec(torch.ones(64))
+    assert spec(base[4:]) == spec(base)  # 16 bytes further: still aligned
+    assert spec(base[1:]) != spec(base)  # 4 bytes off the alignment
+    assert spec(base.double()) != spec(base)
+    assert spec(1) != spec(17) and spec(16) != spec(17) and spec(32) == spec(48)
+    assert spec(2**31) != spec(2**31 - 16) and spec(2**63) != spec(2**62)
+    assert spec(True) != spec(False) and spec(None) is None and spec(0.5) == spec(2.0)
+
+
+class _FakeCompiled:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        assert len(grid) == 3, "a compiled kernel's launcher takes all three grid sizes"
+        return lambda *args: self.calls.append(("handle", grid, args))
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: `kernel[grid](...)` is Triton's dispatch and returns the compiled kernel."""
+
+    arg_names = ("x_ptr", "n", "BLOCK", "FLAG")
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def dispatch(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            return _FakeCompiled(self.calls)
+
+        return dispatch
+
+
+def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
+    from mambascope.ssm import triton_common
+
+    monkeypatch.setattr(triton_common, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = _FakeKernel()
+    x = torch.zeros(64)
+    triton_common.launch(kernel, (4,), x, 32, BLOCK=8, FLAG=True, num_warps=2)
+    triton_common.launch(kernel, (5, 2), x, 48, FLAG=True, BLOCK=8, num_warps=2)
+    triton_common.launch(kernel, (4,), x[1:], 32, BLOCK=8, FLAG=True, num_warps=2)  # misaligned pointer
+    triton_common.launch(kernel, (4,), x, 32, BLOCK=16, FLAG=True, num_warps=2)  # another constexpr
+    assert [c[0] for c in kernel.calls] == ["triton", "handle", "triton", "triton"]
+    # the compiled kernel takes every argument in signature order, constexprs included
+    assert kernel.calls[1][1:] == ((5, 2, 1), (x, 48, 8, True))

@@ -213,6 +213,15 @@ class VSSBlock(nn.Module):
         return x
 
 
+def channel_product(weight: Tensor, x: Tensor) -> Tensor:
+    """`weight` (out, in) applied to channel-first `x` (batch, in, L): (batch, out, L), contiguous.
+
+    A batched product with the weight broadcast over the batch. `weight @ x` gives the same values, but
+    torch folds the batch into the product's rows and copies the result back to channel-first: one
+    transposing copy per product (at one slide per MIL step, ~0.03 ms of GPU time each)."""
+    return torch.bmm(weight.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+
 class Mamba2D(nn.Module):
     """2D-Mamba block for grids of patch features with holes: (B, H, W, d_model) -> (B, H, W, d_model).
 
@@ -250,15 +259,16 @@ class Mamba2D(nn.Module):
         keep = mask.unsqueeze(-1).to(hidden.dtype) if mask is not None else None
         if keep is not None:
             hidden = hidden * keep
-        # The projections are (out, in) @ (batch, in, cells) products: their results come out
-        # channel-first, the layout of the conv and the scan, so no layout copies are made (at one
-        # slide per step those copies and their gradients were ~10 launches of host time).
+        # The projections are (out, in) x (batch, in, cells) products (`channel_product`): their
+        # results come out channel-first, the layout of the conv and the scan, so no layout copies
+        # are made (at one slide per step those copies and their gradients were ~10 launches).
         tokens = hidden.reshape(batch, height * width, -1).transpose(1, 2)
-        x, z = (self.in_proj.weight @ tokens).unflatten(2, (height, width)).chunk(2, dim=1)
+        x, z = channel_product(self.in_proj.weight, tokens).unflatten(2, (height, width)).chunk(2, dim=1)
         x = F.silu(self.conv2d(x))
-        dt, B, C = (self.x_proj.weight @ x.flatten(2)).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt, B, C = channel_product(self.x_proj.weight, x.flatten(2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=1)
         y = selective_scan_2d(
-            x, (self.dt_proj.weight @ dt).unflatten(2, (height, width)), -torch.exp(self.A_log.float()),
+            x, channel_product(self.dt_proj.weight, dt).unflatten(2, (height, width)), -torch.exp(self.A_log.float()),
             B.unflatten(2, (height, width)), C.unflatten(2, (height, width)), self.D.float(), z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, mask=mask, backend=self.backend,
         )

@@ -58,6 +58,47 @@ def pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def argument_specialisation(arg: object) -> object:
+    """What Triton's specialisation of a kernel reads from one argument: a tensor's dtype and whether
+    its address is 16-byte aligned; an integer's width (i32, i64 or u64), whether it is 1 and whether
+    16 divides it; a float only as a float; anything else (bools, None) by value. Two calls whose
+    arguments agree on these run the same compiled kernel."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or arg is None:
+        return arg
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 2**63
+    if isinstance(arg, float):
+        return float
+    return arg
+
+
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def launch(kernel: triton.runtime.JITFunction, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+    """`kernel[grid](*args, **kwargs)`, through the compiled kernel's own launcher once Triton has
+    compiled it for these arguments' specialisation (`argument_specialisation`).
+
+    Why: Triton binds and specialises every argument again at each launch. For the scans' kernels
+    (20-45 arguments) that took 40-100 µs of host time a launch on the H100 machine, the compiled
+    kernel's launcher 16-27 µs (benchmarks/NOTES_scan.md, version 19); a one-slide MIL step launches
+    seven. `kwargs` are the constexpr arguments and launch options, compared by value. Under the
+    interpreter every launch goes through Triton."""
+    if interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    key = (kernel, torch.cuda.current_device(), tuple(map(argument_specialisation, args)), frozenset(kwargs.items()))
+    found = _COMPILED.get(key)
+    if found is None:
+        compiled = kernel[grid](*args, **kwargs)  # Triton's own dispatch: compiles when needed, launches
+        _COMPILED[key] = compiled, kernel.arg_names[len(args):]
+        return
+    compiled, tail_names = found
+    compiled[(*grid, 1, 1)[:3]](*args, *(kwargs[name] for name in tail_names))  # its launcher takes 3 grid sizes
+
+
 def largest_pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two that divides n and is at most cap (channel blocks never straddle a
     B/C group)."""
@@ -328,7 +369,7 @@ def chain_segments(
     NP = pow2(N)
     SC = min(32, pow2(n_seg))
     BP = max(1, min(8, 2048 // (NP * SC)))
-    combine_kernel[(triton.cdiv(P, BP),)](
+    launch(combine_kernel, (triton.cdiv(P, BP),),
         S, agg, A32, init if init is not None else S, buf,
         P, rows_per_channel, dim, n_seg,
         N=N, NP=NP, BP=BP, SC=SC, REVERSE=reverse, HAS_INIT=init is not None, CHANNEL_LAST=channel_last,

@@ -43,6 +43,7 @@ from mambascope.ssm.triton_common import (
     lane_position,
     lane_reduce_scatter,
     largest_pow2_divisor,
+    launch,
     lin_combine,
     parameter_grads,
     pow2,
@@ -323,7 +324,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
     if n_seg > 1:
         S = torch.empty(batch * dim, n_seg, **f32)
         agg = torch.empty(batch * dim, n_seg, N, **f32)
-        agg_kernel[(n_dblk, n_seg, batch)](
+        launch(agg_kernel, (n_dblk, n_seg, batch),
             u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy,
             S, agg,
             dim, dpg, G, L, LS, seg_len, n_seg, 1,
@@ -334,7 +335,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
     out = torch.empty_like(u)
     hs = torch.empty(batch, n_tiles, N, dim, **f32) if save else dummy
     last = torch.empty(batch, dim, N, **f32) if want_last else dummy
-    _fwd_kernel[(n_dblk, n_seg, batch)](
+    launch(_fwd_kernel, (n_dblk, n_seg, batch),
         u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, z if z is not None else dummy,
         bias32 if bias32 is not None else dummy,
         out, carry, hs, last,
@@ -364,7 +365,7 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
     n_seg, seg_len = _segments(batch, n_dblk, n_tiles, T, cfg.programs_bwd)
     S = torch.empty(batch * dim, n_seg, **f32)
     agg = torch.empty(batch * dim, n_seg, N, **f32)
-    agg_kernel[(n_dblk, n_seg, batch)](
+    launch(agg_kernel, (n_dblk, n_seg, batch),
         dout, delta, zt, Cg, A32, bt,
         S, agg,
         dim, dpg, G, L, LS, seg_len, n_seg, 1,
@@ -382,7 +383,7 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
     dAp = torch.empty(batch * n_seg, N, dim, **f32)
     dDp = torch.empty(batch * n_seg, dim, **f32) if D32 is not None else dummy
     dbp = torch.empty(batch * n_seg, dim, **f32) if bias32 is not None else dummy
-    _bwd_kernel[(n_dblk, n_seg, batch)](
+    launch(_bwd_kernel, (n_dblk, n_seg, batch),
         u, delta, A32.t().contiguous(), Bg, Cg, D32 if D32 is not None else dummy, zt, bt, dout,
         hs, wc,
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,

@@ -47,6 +47,7 @@ from mambascope.ssm.triton_common import (
     delta_act_grad,
     interpreting,
     largest_pow2_divisor,
+    launch,
     lin_combine,
     parameter_grads,
     pow2,
@@ -437,7 +438,7 @@ def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
     n_cb = triton.cdiv(W, cfg.WB)
     rowc = torch.empty(batch, H, n_cb, N, dim, device=u.device, dtype=torch.float32)
     dummy = A32
-    _row_carry_kernel[(dim // BD, H, batch)](
+    launch(_row_carry_kernel, (dim // BD, H, batch),
         u, delta, A32, Bg, bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy, rowc,
         *u.stride(),
         dim, dpg, G, H, W, n_cb, 1,
@@ -472,7 +473,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save, cfg):
     rowc = _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg)
 
     def sweep(top, out, S, agg, htop, summary):
-        _fwd_kernel[(dim // BD, n_rs * n_cb, batch)](
+        launch(_fwd_kernel, (dim // BD, n_rs * n_cb, batch),
             u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, z if z is not None else dummy,
             bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy,
             rowc, top, out, S, agg, htop,
@@ -517,7 +518,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     gbot = torch.empty(batch * dim, n_rb, N, W, **f32)
     S = torch.empty(batch * dim * H, n_cb, **f32)
     agg = torch.empty(batch * dim * H, n_cb, N, **f32)
-    _vrev_kernel[(dim // BD, n_cb, batch)](
+    launch(_vrev_kernel, (dim // BD, n_cb, batch),
         dout, delta, A32, Cg, zt, bt, mt,
         gbot, S, agg,
         dim, dpg, G, H, W, WR, n_cb, n_rb, 1,
@@ -537,7 +538,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     dAp = torch.empty(batch * n_tiles, dim, N, **f32)
     dDp = torch.empty(batch * n_tiles, dim, **f32) if D32 is not None else dummy
     dbp = torch.empty(batch * n_tiles, dim, **f32) if bias32 is not None else dummy
-    _bwd_kernel[(n_chblk, n_tiles, batch)](
+    launch(_bwd_kernel, (n_chblk, n_tiles, batch),
         u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, mt, dout,
         hrl, htop, gbot, ghr,
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
