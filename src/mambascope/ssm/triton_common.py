@@ -65,9 +65,7 @@ def argument_specialisation(arg: object) -> object:
     arguments agree on these run the same compiled kernel."""
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or arg is None:
-        return arg
-    if isinstance(arg, int):
+    if isinstance(arg, int) and not isinstance(arg, bool):
         return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 2**63
     if isinstance(arg, float):
         return float

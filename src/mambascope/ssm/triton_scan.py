@@ -70,7 +70,7 @@ class Scan1DConfig:
     programs_bwd: int = 2048
 
 
-def default_config(batch: int, dim: int, L: int, n_state: int, dtype: torch.dtype) -> Scan1DConfig:
+def default_config(batch: int, dim: int, dtype: torch.dtype) -> Scan1DConfig:
     """Measured on an H100 (benchmarks/NOTES_scan.md): few channels (batch 1 WSI bags) run best as
     one-warp programs over ~2048 long segments, except that float32 inputs (4-position tiles) run the
     forward faster as 2-warp programs of 64 channels; many batches x channels as 4-warp programs over
@@ -413,7 +413,7 @@ class _SelectiveScan(torch.autograd.Function):
         Cg = _padded(C.unsqueeze(1) if C.dim() == u.dim() else C, LS)
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
-        cfg = cfg or default_config(u.shape[0], u.shape[1], L, A.shape[1], u.dtype)
+        cfg = cfg or default_config(u.shape[0], u.shape[1], u.dtype)
         save = any(ctx.needs_input_grad[:8])
         out, last, hs = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, save, return_last_state, L, cfg)
         if save:

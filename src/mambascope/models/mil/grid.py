@@ -35,6 +35,11 @@ _PARTS = (("cell", torch.int64, "patches"), ("cells", torch.int64, "cells"), ("i
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.bool: np.bool_}
 
 
+def _part_view(name: str) -> cached_property:
+    """A PatchGrid attribute: the view of its buffer that holds part `name`, made on first use."""
+    return cached_property(lambda grid: grid._part(name))
+
+
 @dataclass(frozen=True, eq=False)
 class PatchGrid:
     """`cell` (N,) flat cell of each patch on an `height` × `width` grid; `cells` the distinct occupied
@@ -62,12 +67,12 @@ class PatchGrid:
             start += size
         raise KeyError(name)
 
-    cell = cached_property(lambda self: self._part("cell"))
-    cells = cached_property(lambda self: self._part("cells"))
-    inverse = cached_property(lambda self: self._part("inverse"))
-    counts = cached_property(lambda self: self._part("counts"))
-    share = cached_property(lambda self: self._part("share"))
-    occupied = cached_property(lambda self: self._part("occupied"))
+    cell = _part_view("cell")
+    cells = _part_view("cells")
+    inverse = _part_view("inverse")
+    counts = _part_view("counts")
+    share = _part_view("share")
+    occupied = _part_view("occupied")
 
     def _moved(self, buffer: torch.Tensor) -> PatchGrid:
         return PatchGrid(self.height, self.width, self.num_patches, self.num_cells, buffer)
