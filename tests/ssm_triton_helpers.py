@@ -16,7 +16,7 @@ import torch
 
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16",
-    "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored",
+    "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare",
 )
 
 
@@ -124,6 +124,13 @@ def run_case(name: str) -> dict:
         x["mask"] = torch.rand(1, 8, 16, generator=gen) > 0.2
         return compare(lambda **k: tri2(**k, delta_softplus=True),
                        lambda **k: selective_scan_2d_reference(**k, delta_softplus=True), x)
+    if name == "2d_bare":
+        # no D, z or Δ bias: the backward's per-tile parameter partials then hold dA alone
+        x = scan_inputs(gen, 2, 4, (3, 6), 3, 1, False)
+        for k in ("D", "z", "delta_bias"):
+            x[k] = None
+        x["mask"] = torch.rand(2, 3, 6, generator=gen) > 0.3
+        return compare(tri2, selective_scan_2d_reference, x)
     if name == "2d_padding_ignored":
         x = scan_inputs(gen, 1, 2, (4, 5), 2, 1, False)
         mask = torch.rand(1, 4, 5, generator=gen) > 0.4

@@ -47,6 +47,7 @@ def _errors(result: dict) -> dict:
         ("2d_grouped", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_single_cell", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_aligned_width", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
+        ("2d_bare", {"out0", "du", "ddelta", "dA", "dB", "dC"}),
     ],
 )
 def test_float32_matches_reference_forward_and_backward(interpreted, case, expected_keys):

@@ -256,7 +256,7 @@ class Mamba2D(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
         batch, height, width, _ = hidden.shape
-        keep = mask.unsqueeze(-1).to(hidden.dtype) if mask is not None else None
+        keep = mask.unsqueeze(-1) if mask is not None else None  # bool: the products cast it, no cast kernel
         if keep is not None:
             hidden = hidden * keep
         # The projections are (out, in) x (batch, in, cells) products (`channel_product`): their
@@ -274,4 +274,4 @@ class Mamba2D(nn.Module):
         )
         out = y.flatten(2).transpose(1, 2) @ self.out_proj.weight.t()
         out = out.view(batch, height, width, -1)
-        return out * keep.to(out.dtype) if keep is not None else out
+        return out * keep if keep is not None else out

@@ -305,7 +305,7 @@ def _mirror(x):
 def _bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, dout_ptr,
     hrl_ptr, htop_ptr, gbot_ptr, ghr_ptr,
-    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, par_ptr,
     DIM, dpg, G, H, W, WR, n_cb, n_rb, n_chblk, n_cbf, cbf_step,
     N: tl.constexpr, NP: tl.constexpr, WB: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -355,7 +355,8 @@ def _bwd_kernel(
     dC_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
     first_row = (tl.arange(0, R) == 0)[None, :, None]
     first_col = (tl.arange(0, WB) == 0)[None, None, :]
-    n_tiles = n_rb * n_cb
+    # this tile's row of parameter partials: dA (DIM, N), then dD (DIM), then dbias (DIM)
+    par_row = par_ptr + (pid_b * n_rb * n_cb + pid_t) * (DIM * (N + 2))
     for dd in range(CH):
         d = pid_c * CH + dd
         An = tl.load(A_ptr + d * N + offs_n, mask=nm, other=0.0)
@@ -413,15 +414,14 @@ def _bwd_kernel(
         dC_acc += dy[None, :, :] * h
         gB = tl.sum(ghr * Bt, axis=0)
         qA = tl.sum(q * An[:, None, None], axis=0)
-        pidx = (pid_b * n_tiles + pid_t) * DIM + d
-        tl.store(dAp_ptr + pidx * N + offs_n, tl.sum(tl.sum(q * dt[None, :, :], axis=2), axis=1), mask=nm)
+        tl.store(par_row + d * N + offs_n, tl.sum(tl.sum(q * dt[None, :, :], axis=2), axis=1), mask=nm)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
-            tl.store(dDp_ptr + pidx, tl.sum(tl.sum(dy * u, axis=1), axis=0))
+            tl.store(par_row + DIM * N + d, tl.sum(tl.sum(dy * u, axis=1), axis=0))
         ddt = tl.where(valid, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
         if HAS_BIAS:
-            tl.store(dbp_ptr + pidx, tl.sum(tl.sum(ddt, axis=1), axis=0))
+            tl.store(par_row + DIM * (N + 1) + d, tl.sum(tl.sum(ddt, axis=1), axis=0))
         tl.store(du_ptr + xoff, du, mask=in_x)
         tl.store(ddl_ptr + xoff, ddt, mask=in_x)
     poff = ((pid_b * n_chblk + pid_c) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
@@ -533,26 +533,24 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     du = torch.empty_like(u)
     ddl = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else dummy
-    dBp = torch.empty(batch, n_chblk, N, H, W, **f32)
-    dCp = torch.empty(batch, n_chblk, N, H, W, **f32)
-    dAp = torch.empty(batch * n_tiles, dim, N, **f32)
-    dDp = torch.empty(batch * n_tiles, dim, **f32) if D32 is not None else dummy
-    dbp = torch.empty(batch * n_tiles, dim, **f32) if bias32 is not None else dummy
+    # one buffer each for the (B, C) partials and the per-tile parameter partials, so each is summed
+    # by one reduction
+    dBCp = torch.empty(2, batch, n_chblk, N, H, W, **f32)
+    par = torch.empty(batch * n_tiles, dim * (N + 2), **f32)
     launch(_bwd_kernel, (n_chblk, n_tiles, batch),
         u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, mt, dout,
         hrl, htop, gbot, ghr,
-        du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
+        du, ddl, dz, dBCp[0], dBCp[1], par,
         dim, dpg, G, H, W, WR, n_cb, n_rb, n_chblk, triton.cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
         N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags, num_warps=cfg.warps_bwd,
     )
-    per_group = n_chblk // G
-    dB = dBp.view(batch, G, per_group, N, H, W).sum(2)
-    dC = dCp.view(batch, G, per_group, N, H, W).sum(2)
+    dB, dC = dBCp.view(2, batch, G, n_chblk // G, N, H, W).sum(3)
+    dA, dD, db = par.sum(0).split([dim * N, dim, dim])
     return (
-        du, ddl, dAp.sum(0), dB, dC,
-        dDp.sum(0) if D32 is not None else None,
+        du, ddl, dA.view(dim, N), dB, dC,
+        dD if D32 is not None else None,
         dz if z is not None else None,
-        dbp.sum(0) if bias32 is not None else None,
+        db if bias32 is not None else None,
     )
 
 

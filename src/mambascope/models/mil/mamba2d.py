@@ -66,9 +66,11 @@ class Mamba2DMIL(nn.Module):
         if grid is None:
             grid = patch_grid(coords, features.shape[0], width_multiple=self.grid_width_multiple(h.device))
         grid = grid.to(h.device)
-        # each cell holds the mean of its patches: every patch adds its share of the cell
-        canvas = h.new_zeros(grid.height * grid.width, h.shape[1])
-        canvas = canvas.index_add(0, grid.cell, h * grid.share.unsqueeze(1).to(h.dtype))
+        # each cell holds the mean of its patches: every patch adds its share of the cell (when every
+        # patch has a cell of its own, known on the host, the shares are 1 and their products are skipped)
+        shared = grid.num_cells < grid.num_patches
+        placed = h * grid.share.unsqueeze(1).to(h.dtype) if shared else h
+        canvas = h.new_zeros(grid.height * grid.width, h.shape[1]).index_add_(0, grid.cell, placed)
         x = canvas.view(1, grid.height, grid.width, -1)
         mask = grid.occupied.view(1, grid.height, grid.width)
         for layer in self.layers:
@@ -77,7 +79,8 @@ class Mamba2DMIL(nn.Module):
         # advanced indexing's goes through a sorting index_put (~0.25 ms of host time a step)
         tokens = self.norm(x.reshape(grid.height * grid.width, -1).index_select(0, grid.cells))
         pooled, weights = self.pool(tokens)
-        return MILOutput(logits=self.head(pooled), scores=weights[grid.inverse] * grid.share.to(weights.dtype))
+        scores = weights[grid.inverse]
+        return MILOutput(logits=self.head(pooled), scores=scores * grid.share.to(weights.dtype) if shared else scores)
 
 
 @register_model("mamba2d")
