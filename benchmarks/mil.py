@@ -42,8 +42,8 @@ def _lattice(n: int, generator):
 class _PoolGrids:
     """Step i's grid (of pool bag i % pool), built where the DataLoader runs it: its workers."""
 
-    def __init__(self, coords: list, width_multiple: int, steps: int):
-        self.coords, self.width_multiple, self.steps = coords, width_multiple, steps
+    def __init__(self, coords: list, multiple: int, steps: int):
+        self.coords, self.multiple, self.steps = coords, multiple, steps
 
     def __len__(self) -> int:
         return self.steps
@@ -52,18 +52,18 @@ class _PoolGrids:
         from mambascope.models.mil.grid import patch_grid
 
         coords = self.coords[i % len(self.coords)]
-        return patch_grid(coords, len(coords), width_multiple=self.width_multiple)
+        return patch_grid(coords, len(coords), multiple=self.multiple)
 
 
 def _grids(model, pool: list, device, args: argparse.Namespace):
     """An iterator of step grids for grid models when the loader builds them; else None."""
     import torch
 
-    width_multiple = getattr(model, "grid_width_multiple", None)
-    if width_multiple is None or args.loader_workers == 0:
+    multiple = getattr(model, "grid_multiple", None)
+    if multiple is None or args.loader_workers == 0:
         return None
     steps = args.warmup + min(args.timed_steps or args.bags, args.bags) + (3 if args.profile else 0)
-    dataset = _PoolGrids([coords for _, coords, _ in pool], width_multiple(device), steps)
+    dataset = _PoolGrids([coords for _, coords, _ in pool], multiple(device), steps)
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.loader_workers,
                                             pin_memory=device.type == "cuda"))
 

@@ -9,7 +9,7 @@ import torch
 from mambascope.errors import DataError
 from mambascope.models import list_models
 from mambascope.models.mil import MILOutput
-from mambascope.models.mil.grid import dense_ids, lattice_step, patch_grid
+from mambascope.models.mil.grid import dense_ids, lattice_step, padded_size, patch_grid
 from mambascope.models.mil.mambamil import reorder_permutation
 from mambascope.train.mil_options import MIL_MODELS
 from mil_helpers import IN_DIM, lattice_coords, single_thread, small_model  # noqa: F401
@@ -157,19 +157,38 @@ def test_grid_moves_to_the_features_device_and_module_keeps_coords_on_host():
     assert moved["coords"] is coords and moved["index"] == 0
 
 
-def test_mamba2d_output_does_not_depend_on_grid_width_padding():
-    """On a GPU the grid is widened to 16 columns; the extra cells are masked, so the result is the
-    same as on the tight grid (checked on the CPU by handing the model a widened grid)."""
+def test_padded_size_ladder():
+    """Grid sides round up to 16-multiples, with steps that double with the size (at most 1/8 more)."""
+    assert [padded_size(n, 16) for n in (1, 16, 17, 114, 256, 257, 300, 513, 1000)] == \
+        [16, 16, 32, 128, 256, 288, 320, 576, 1024]
+    assert [padded_size(n, 1) for n in (1, 7, 114)] == [1, 7, 114]
+    for n in range(1, 3000):
+        size = padded_size(n, 16)
+        assert size % 16 == 0 and n <= size <= max(n + 15, n * 9 / 8)
+
+
+def test_mamba2d_results_do_not_depend_on_grid_padding():
+    """On a GPU the grid is padded with masked rows below and columns to the right (`padded_size`);
+    outputs and gradients are those of the tight grid (checked on the CPU by handing the model a padded
+    grid)."""
     rng = np.random.default_rng(5)
     model = small_model("mamba2d").eval()
     features = torch.randn(90, IN_DIM)
     coords = torch.from_numpy(lattice_coords(rng, 90, step=256))
-    wide_grid = patch_grid(coords, 90, width_multiple=16)
-    assert patch_grid(coords, 90).width % 16 != 0 and wide_grid.width % 16 == 0
-    assert model.grid_width_multiple("cpu") == 1 and model.grid_width_multiple("cuda") == 16
-    with torch.no_grad():
-        tight, wide = model(features, coords), model(features, coords, grid=wide_grid)
-    torch.testing.assert_close(wide.logits, tight.logits, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(wide.scores, tight.scores, rtol=1e-5, atol=1e-7)
+    tight_grid, padded_grid = patch_grid(coords, 90), patch_grid(coords, 90, multiple=16)
+    assert (tight_grid.height, tight_grid.width) == (13, 13) and (padded_grid.height, padded_grid.width) == (16, 16)
+    assert model.grid_multiple("cpu") == 1 and model.grid_multiple("cuda") == 16
+    results = []
+    for grid in (tight_grid, padded_grid):
+        model.zero_grad(set_to_none=True)
+        out = model(features, coords, grid=grid)
+        (out.logits[0] * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((out.logits.detach(), out.scores.detach(), [p.grad for p in model.parameters()]))
+    (tight_logits, tight_scores, tight_grads), (logits, scores, grads) = results
+    torch.testing.assert_close(logits, tight_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores, tight_scores, rtol=1e-5, atol=1e-7)
+    assert all(g.abs().sum() > 0 for g in tight_grads)
+    for grad, tight in zip(grads, tight_grads, strict=True):
+        torch.testing.assert_close(grad, tight, rtol=1e-4, atol=1e-6)
     with pytest.raises(DataError, match="grid places 89 patches but the bag has 90"):
         model(features, coords, grid=patch_grid(coords[:89], 89))

@@ -114,7 +114,7 @@ def test_real_feature_files_hold_real_patches(real_bags):
 def test_train_and_evaluate_on_real_features(real_bags, tmp_path, model):
     root, features_dir, _ = real_bags
     args = {"abmil-gated": "{hidden_dim: 32, attn_dim: 16, dropout: 0.0}",
-            "mamba2d": "{dim: 16, depth: 1, d_state: 4, attn_dim: 16, dropout: 0.0}"}[model]
+            "mamba2d": "{dim: 16, depth: 1, d_state: 4, attn_dim: 16, dropout: 0.0, cuda_graphs: 4}"}[model]
     run = tmp_path / "run"
     assert main(["train", "mil", "--features", str(features_dir), "--labels", str(root / "labels.csv"),
                  "--model", model, "--model-args", args, "--out", str(run), "--epochs", "8", "--lr", "3e-3",

@@ -199,7 +199,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_mamba2d_trains_on_grids_the_loader_workers_build(tmp_path, monkeypatch):
-    """With `grid_width_multiple`, each bag's grid is built by the dataset (in a worker process here)
+    """With `grid_multiple`, each bag's grid is built by the dataset (in a worker process here)
     and the model uses it instead of building its own in the step."""
     import mambascope.models.mil.mamba2d as mamba2d_module
     from mambascope.data.bags import BagDataset, attach_features, read_label_table, single_bag
@@ -208,10 +208,10 @@ def test_mamba2d_trains_on_grids_the_loader_workers_build(tmp_path, monkeypatch)
 
     features, labels, _ = planted_dataset(tmp_path, n_slides=4, patches=(10, 20))
     bags, _ = attach_features(read_label_table(labels), features)
-    dataset = BagDataset(bags, grid_width_multiple=16)
+    dataset = BagDataset(bags, grid_multiple=16)
     item = dataset[1]
-    expected = patch_grid(item["coords"], len(item["features"]), width_multiple=16)
-    assert item["grid"].width % 16 == 0 and item["grid"].width == expected.width
+    expected = patch_grid(item["coords"], len(item["features"]), multiple=16)
+    assert item["grid"].width % 16 == 0 and (item["grid"].height, item["grid"].width) == (expected.height, expected.width)
     assert torch.equal(item["grid"].cell, expected.cell) and torch.equal(item["grid"].share, expected.share)
 
     def no_grid_in_the_step(*args, **kwargs):

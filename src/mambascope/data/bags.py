@@ -174,16 +174,16 @@ class BagDataset(Dataset):
 
     `max_patches` keeps a random subset of that many patches (in their original order, so sequence
     and grid models still see neighbours in order) — for training; evaluation uses every patch.
-    With `grid_width_multiple` (for grid models such as mamba2d), each item also carries the bag's
+    With `grid_multiple` (for grid models such as mamba2d), each item also carries the bag's
     `PatchGrid` under "grid": built here, so in the DataLoader's worker processes when there are any,
     and the training step does not wait on it.
     """
 
     def __init__(self, bags: Sequence[SlideBag], max_patches: int | None = None,
-                 grid_width_multiple: int | None = None):
+                 grid_multiple: int | None = None):
         self.bags = list(bags)
         self.max_patches = max_patches
-        self.grid_width_multiple = grid_width_multiple
+        self.grid_multiple = grid_multiple
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -201,11 +201,11 @@ class BagDataset(Dataset):
             features = features[keep]
             coords = None if coords is None else coords[keep]
         item = {"features": features, "coords": coords, "label": torch.tensor(bag.label), "index": index}
-        if self.grid_width_multiple is not None:
+        if self.grid_multiple is not None:
             from mambascope.models.mil.grid import patch_grid  # importing the models package loads timm
 
             try:
-                item["grid"] = patch_grid(coords, features.shape[0], width_multiple=self.grid_width_multiple)
+                item["grid"] = patch_grid(coords, features.shape[0], multiple=self.grid_multiple)
             except DataError as error:
                 raise DataError(f"slide {bag.slide_id}: {error.message}", path=bag.path, hint=error.hint) from None
         return item

@@ -277,11 +277,11 @@ def _train_split(cfg: MILTrainConfig, layout: RunLayout, bags: list[SlideBag], s
                             use_distributed_sampler=False)
     # grid models get each bag's grid from the loader (its workers build it while the step runs)
     device = trainer.strategy.root_device
-    width_for = getattr(module.model, "grid_width_multiple", None)
-    grid_width = width_for(device) if width_for else None
+    multiple_for = getattr(module.model, "grid_multiple", None)
+    grid_multiple = multiple_for(device) if multiple_for else None
     data = BagDataModule(BagDataset([bags[i] for i in split.train], max_patches=cfg.max_patches,
-                                    grid_width_multiple=grid_width),
-                         BagDataset([bags[i] for i in split.val], grid_width_multiple=grid_width),
+                                    grid_multiple=grid_multiple),
+                         BagDataset([bags[i] for i in split.val], grid_multiple=grid_multiple),
                          cfg.sampler, class_weights, cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero:

@@ -150,10 +150,23 @@ def _axis_positions(values: np.ndarray, step: int) -> np.ndarray:
     return compact[ids]
 
 
-def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, width_multiple: int = 1) -> PatchGrid:
+def padded_size(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`, with the step doubling each time n passes sixteen steps
+    (for 16: 16, 32, ..., 256, 288, ..., 512, 576, ...), or n itself for 1. Grids of similar slides then
+    share fewer shapes, each side at most 1/8 longer: the GPU replays a captured mamba2d layer per shape
+    (`models.cuda_graphs`), and its 2D scan wants rows 16-aligned."""
+    if multiple == 1:
+        return n
+    step = multiple
+    while n > 16 * step:
+        step *= 2
+    return -(-n // step) * step
+
+
+def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, multiple: int = 1) -> PatchGrid:
     """Grid placement of a bag's patches, on the host (coords on a device are copied over once);
-    without coords, row-major on a square in bag order. The width is rounded up to a multiple of
-    `width_multiple` with empty columns on the right (the GPU 2D scan wants 16-aligned rows)."""
+    without coords, row-major on a square in bag order. Height and width are rounded up by
+    `padded_size(·, multiple)` with empty rows below and empty columns on the right."""
     if coords is None:
         cols_used = math.ceil(math.sqrt(num_patches))
         rows, cols = np.divmod(np.arange(num_patches), cols_used)
@@ -162,9 +175,10 @@ def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, width
         step = _axes_step(x, y)
         cols, rows = _axis_positions(x, step), _axis_positions(y, step)
         cols_used = int(cols.max()) + 1
-    height, width = int(rows.max()) + 1, -(-cols_used // width_multiple) * width_multiple
-    if coords is not None and height * cols_used > max(MAX_CELLS_PER_PATCH * num_patches, _MIN_CELL_BUDGET):
-        raise DataError(f"patch coordinates do not form a 2D tissue grid ({height}×{cols_used} cells for "
+    rows_used = int(rows.max()) + 1
+    height, width = padded_size(rows_used, multiple), padded_size(cols_used, multiple)
+    if coords is not None and rows_used * cols_used > max(MAX_CELLS_PER_PATCH * num_patches, _MIN_CELL_BUDGET):
+        raise DataError(f"patch coordinates do not form a 2D tissue grid ({rows_used}×{cols_used} cells for "
                         f"{num_patches} patches)", hint="check the coords, or use a sequence model (mambamil)")
     cell = rows * width + cols
     cells, inverse = dense_ids(cell)
