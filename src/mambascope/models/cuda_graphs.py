@@ -15,7 +15,8 @@ same values. A forward that cannot be captured raises a `ConfigError` that names
 
 The graphs of one cache share one memory pool. That is safe because at most one replayed forward of a
 cache is waiting for its backward: until it runs (or its autograd graph is dropped), further calls
-run eagerly.
+run eagerly. (`torch.cuda.make_graphed_callables` captures one fixed signature and replays again on a
+second forward, so it serves neither grids that change shape nor two bags before one backward.)
 """
 
 from __future__ import annotations
@@ -82,9 +83,6 @@ class CudaGraphCache:
 
     def __init__(self, max_graphs: int = 8, capture_after: int = 2):
         self.max_graphs, self.capture_after = max_graphs, capture_after
-        self._reset()
-
-    def _reset(self) -> None:
         self._graphs: dict[tuple, _Graphs] = {}
         self._seen: collections.Counter = collections.Counter()
         self._pool = None
@@ -110,6 +108,7 @@ class CudaGraphCache:
             self._graphs.clear()
             self._param_addresses = addresses
         key = _signature(inputs, params)
+        trained = [p for p in params if p.requires_grad]
         self._seen[key] += 1
         graphs = self._graphs.get(key)
         if graphs is None:
@@ -119,7 +118,7 @@ class CudaGraphCache:
             if evict is not None:
                 del self._graphs[evict]
             try:
-                graphs = self._graphs[key] = self._capture(fn, params, inputs)
+                graphs = self._graphs[key] = self._capture(fn, trained, inputs)
             except RuntimeError as error:
                 # e.g. an op that waits on the GPU; CUDA's random-number state is then left mid-capture,
                 # so the process cannot go on eagerly either
@@ -128,8 +127,7 @@ class CudaGraphCache:
                                   "(from Python: cuda_graphs=0)") from error
         token = _Token()
         self._waiting = weakref.ref(token)
-        differentiable = [p for p in params if p.requires_grad]
-        return _Replay.apply(graphs, token, len(inputs), *inputs, *differentiable)
+        return _Replay.apply(graphs, token, len(inputs), *inputs, *trained)
 
     def _can_replay(self, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> bool:
         return (self.max_graphs > 0 and torch.is_grad_enabled() and all(t.is_cuda for t in inputs)
@@ -137,9 +135,10 @@ class CudaGraphCache:
                 and self._waiting() is None
                 and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling())
 
-    def _capture(self, fn: Callable[..., Tensor], params: Sequence[Tensor], inputs: Sequence[Tensor]) -> _Graphs:
+    def _capture(self, fn: Callable[..., Tensor], trained: list[Tensor], inputs: Sequence[Tensor]) -> _Graphs:
+        """The two graphs of `fn` on static copies of `inputs`, differentiated for those inputs that need
+        gradients and for the `trained` parameters."""
         static = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        trained = [p for p in params if p.requires_grad]
         differentiable = [t for t in static if t.requires_grad] + trained
         # the caller's autocast, without its cast cache (cached casts would outlive the capture)
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
@@ -162,11 +161,12 @@ class CudaGraphCache:
             grad_output = torch.empty_like(output)
             with torch.cuda.graph(backward, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                 grads = torch.autograd.grad(output, differentiable, grad_output, allow_unused=True)
-                param_grads = grads[len(differentiable) - len(trained):]
+                num_input_grads = len(differentiable) - len(trained)
+                param_grads = grads[num_input_grads:]
                 # parameter gradients in one buffer, so one copy hands them out (they are small)
                 flat = torch.cat([g.reshape(-1) for g in param_grads if g is not None])
         torch.cuda.current_stream().wait_stream(stream)
-        input_grads = iter(grads)
+        input_grads = iter(grads[:num_input_grads])
         return _Graphs(forward, backward, static, output.detach(), grad_output,
                        tuple(next(input_grads) if t.requires_grad else None for t in static), flat,
                        tuple(g.shape if g is not None else None for g in param_grads))
