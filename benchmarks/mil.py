@@ -13,7 +13,9 @@ bag; the epoch time is that times `--bags`.
 
 Grid models (mamba2d) get each bag's grid from `--loader-workers` DataLoader workers, as `train mil`
 does with `--num-workers`; `--loader-workers 0` builds it inside the step. The features stay on the
-device for every model (no file reading), so the step's own cost is what is compared.
+device for every model (no file reading), so the step's own cost is what is compared. float32 products
+use TF32 tensor cores on a GPU, as `train mil` does by default (`--matmul-precision highest`: full
+float32).
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
     import torch
 
     from mambascope.models import create_model
+    from mambascope.train.runs import set_matmul_precision
 
     torch.manual_seed(0)
     device = torch.device(args.device)
+    set_matmul_precision(args.matmul_precision)  # as `train mil --matmul-precision` does
     generator = torch.Generator().manual_seed(0)
     # coords stay on the host, as the training loop keeps them (mamba2d builds its grid there)
     pool = [(torch.randn(args.patches, args.dim, generator=generator).to(device),
@@ -147,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timed-steps", type=int, default=None, help="time this many steps and extrapolate")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    parser.add_argument("--matmul-precision", choices=("high", "highest"), default="high",
+                        help="float32 products on a GPU: TF32 tensor cores (high, train mil's default) or full "
+                             "float32 (highest)")
     parser.add_argument("--loader-workers", type=int, default=2,
                         help="DataLoader workers building grid models' grids (0: built in the step)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -161,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = next((r for r in results if r["model"] == REFERENCE), None)
     print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {args.patches} x {args.dim}-d"
-          f"{' (bf16 autocast)' if args.bf16 else ''}; peak = {results[0]['peak_kind'] if results else '-'}"
+          f"{' (bf16 autocast)' if args.bf16 else ''}; matmul precision {args.matmul_precision}; "
+          f"peak = {results[0]['peak_kind'] if results else '-'}"
           f"{'; model args ' + json.dumps(args.model_args) if args.model_args else ''}; grids built "
           f"{f'by {args.loader_workers} loader workers' if args.loader_workers else 'in the step'}")
     print(f"{'model':<13}{'params':>11}{'ms/bag':>10}{'s/epoch':>11}{'peak MiB':>11}{'vs ' + REFERENCE:>18}")

@@ -17,6 +17,7 @@ import torch
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16",
     "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare",
+    "dwconv_3x3", "dwconv_5x5_bf16",
 )
 
 
@@ -61,6 +62,28 @@ def compare(fn, ref, inputs):
     return out
 
 
+def dwconv_case(gen, shape: tuple[int, ...], kernel: int, dtype: torch.dtype) -> dict:
+    """The fused depthwise conv + SiLU against PyTorch's conv and SiLU in float64: output and gradients."""
+    import torch.nn.functional as F
+
+    from mambascope.ssm.triton_dwconv import depthwise_conv_silu_triton
+
+    channels = shape[1]
+    x = torch.randn(shape, generator=gen).to(dtype)
+    w, b = torch.randn(channels, 1, kernel, kernel, generator=gen) * 0.3, torch.randn(channels, generator=gen)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = depthwise_conv_silu_triton(*leaves)
+    out.backward(dy)
+    wide = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = F.silu(F.conv2d(wide[0], wide[1], wide[2], padding=kernel // 2, groups=channels))
+    ref.backward(dy.double())
+    result = {"out0": rel(out, ref)}
+    result.update({key: rel(leaf.grad, w64.grad) for key, leaf, w64 in zip(("dx", "dw", "db"), leaves, wide, strict=True)})
+    result["dtypes_ok"] = out.dtype == dtype and all(t.grad.dtype == t.dtype for t in leaves)
+    return result
+
+
 def run_case(name: str) -> dict:
     from mambascope.ssm import selective_scan, selective_scan_2d
     from mambascope.ssm.reference import selective_scan_2d_reference, selective_scan_reference
@@ -68,6 +91,10 @@ def run_case(name: str) -> dict:
     from mambascope.ssm.triton_scan2d import Scan2DConfig, selective_scan_2d_triton
 
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    if name == "dwconv_3x3":  # several row and column blocks, a partial last block each way
+        return dwconv_case(gen, (2, 3, 37, 70), 3, torch.float32)
+    if name == "dwconv_5x5_bf16":
+        return dwconv_case(gen, (1, 2, 5, 7), 5, torch.bfloat16)
     # T=4 tiles, 2 channels a program, few programs wanted: short sequences still get several tiles,
     # several segments (the summary + chain path) and several backward channel blocks.
     cfg1 = Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)

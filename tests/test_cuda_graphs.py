@@ -36,17 +36,25 @@ def test_admit_captures_from_the_second_sighting_and_evicts_only_less_seen_shape
 
 def test_cache_runs_eagerly_off_the_gpu_and_copies_carry_settings_only():
     cache = CudaGraphCache(max_graphs=3, capture_after=4)
-    weight = torch.randn(3, requires_grad=True)
+    owner = _Scaler(3, "cpu")
     x = torch.randn(2, 3, requires_grad=True)
-    out = cache(lambda t: (t * weight).sum(1), [weight], x)
+    out = cache(owner, lambda t: (t * owner.weight).sum(1), x)
     out.sum().backward()
-    torch.testing.assert_close(x.grad, weight.detach().expand(2, 3))
+    torch.testing.assert_close(x.grad, owner.weight.detach().expand(2, 3))
     assert cache.num_graphs == 0
     for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
         assert (clone.max_graphs, clone.capture_after, clone.num_graphs) == (3, 4, 0)
     model = small_model("mamba2d")
-    assert copy.deepcopy(model).layers[0].graphs.max_graphs == 8
-    assert create_model("mamba2d", in_dim=IN_DIM, num_classes=2, cuda_graphs=0).layers[0].graphs.max_graphs == 0
+    assert copy.deepcopy(model).graphs.max_graphs == 8
+    assert create_model("mamba2d", in_dim=IN_DIM, num_classes=2, cuda_graphs=0).graphs.max_graphs == 0
+
+
+class _Scaler(torch.nn.Module):
+    """A module with one weight vector, for caches around hand-written functions."""
+
+    def __init__(self, size: int, device: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(size, device=device))
 
 
 def _bags(shapes: list[int], seed: int = 0) -> list[tuple]:
@@ -65,8 +73,7 @@ def _twins(depth: int = 1) -> tuple[torch.nn.Module, torch.nn.Module]:
     graphed = create_model("mamba2d", in_dim=IN_DIM, num_classes=3, dim=32, depth=depth, d_state=8, attn_dim=16,
                            dropout=0.0).cuda().train()
     eager = copy.deepcopy(graphed)
-    for layer in eager.layers:
-        layer.graphs.max_graphs = 0
+    eager.graphs.max_graphs = 0
     return graphed, eager
 
 
@@ -97,8 +104,8 @@ def test_graphed_training_steps_equal_eager_ones_over_changing_grid_shapes():
             losses.append(loss.detach())
         assert torch.equal(losses[0], losses[1]), step
         _assert_same_grads(graphed, eager)
-    # each layer captured both shapes on their second sighting (steps 1 and 4) and replayed them since
-    assert [layer.graphs.num_graphs for layer in graphed.layers] == [2, 2]
+    # both shapes were captured on their second sighting (steps 1 and 4) and replayed since
+    assert graphed.graphs.num_graphs == 2
 
 
 @gpu
@@ -108,7 +115,7 @@ def test_graphed_layers_serve_accumulation_second_forwards_and_dropped_forwards(
     for model in (graphed, eager):  # two sightings: the layer captures its graph
         _loss(model, bag).backward()
         _loss(model, other).backward()
-    assert graphed.layers[0].graphs.num_graphs == 1
+    assert graphed.graphs.num_graphs == 1
     for model in (graphed, eager):
         model.zero_grad(set_to_none=True)
         # two bags forward before one backward: the second runs eagerly, both get their gradients
@@ -135,7 +142,7 @@ def test_graphed_layers_under_bf16_autocast_and_after_a_move():
                 loss = _loss(model, bag)
             loss.backward()
         _assert_same_grads(graphed, eager)
-    assert graphed.layers[0].graphs.num_graphs == 1
+    assert graphed.graphs.num_graphs == 1
     # parameters in new memory: the old graphs would read freed memory, so they are dropped
     graphed.cpu().cuda()
     eager.cpu().cuda()
@@ -144,7 +151,7 @@ def test_graphed_layers_under_bf16_autocast_and_after_a_move():
             model.zero_grad(set_to_none=True)
             _loss(model, bag).backward()
         _assert_same_grads(graphed, eager)
-    assert graphed.layers[0].graphs.num_graphs == 1
+    assert graphed.graphs.num_graphs == 1
 
 
 @gpu
@@ -155,10 +162,10 @@ import torch
 from mambascope.errors import ConfigError
 from mambascope.models.cuda_graphs import CudaGraphCache
 cache = CudaGraphCache(capture_after=1)
-weight = torch.randn(4, device="cuda", requires_grad=True)
+owner = torch.nn.Linear(4, 4).cuda()
 x = torch.randn(4, device="cuda", requires_grad=True)
 try:
-    cache(lambda t: t * weight * t.sum().item(), [weight], x)  # .item() waits on the GPU: not capturable
+    cache(owner, lambda t: owner(t) * t.sum().item(), x)  # .item() waits on the GPU: not capturable
 except ConfigError as error:
     print("hint:", error.hint)
 """
@@ -169,10 +176,11 @@ except ConfigError as error:
 @gpu
 def test_a_leaf_input_keeps_its_own_gradient_across_replays():
     cache = CudaGraphCache(capture_after=1)
-    weight = torch.randn(5, device="cuda", requires_grad=True)
+    owner = _Scaler(5, "cuda")
     x = torch.randn(3, 5, device="cuda", requires_grad=True)
     for step in range(1, 4):
-        (cache(lambda t: (t * weight).tanh(), [weight], x) * step).sum().backward()
+        (cache(owner, lambda t: (t * owner.weight).tanh(), x) * step).sum().backward()
+    weight = owner.weight
     assert cache.num_graphs == 1
     expected_x, expected_w = torch.zeros_like(x), torch.zeros_like(weight)
     for step in range(1, 4):
@@ -181,3 +189,26 @@ def test_a_leaf_input_keeps_its_own_gradient_across_replays():
         expected_w += (slope * x).sum(0).detach()
     torch.testing.assert_close(x.grad, expected_x)
     torch.testing.assert_close(weight.grad, expected_w)
+
+
+@gpu
+def test_replays_draw_fresh_dropout_masks_and_evaluation_runs_eagerly():
+    model = create_model("mamba2d", in_dim=IN_DIM, num_classes=3, dim=32, d_state=8, attn_dim=16,
+                         dropout=0.5).cuda().train()
+    bag = _bags([200])[0]
+    logits = []
+    for _ in range(4):
+        # `out` of the step before is still alive while this one is captured: its autograd graph holds the
+        # parameters' nodes, made on the default stream (the capture must not wait on them)
+        out = model(bag[0], bag[1], grid=bag[2])
+        out.logits.sum().backward()
+        logits.append(out.logits.detach())
+    assert model.graphs.num_graphs == 1
+    # steps 3 and 4 replay the graph: each replay draws its own masks in the pooling's dropout
+    assert not torch.equal(logits[2], logits[3])
+    model.eval()
+    with torch.no_grad():
+        a = model(bag[0], bag[1], grid=bag[2])
+        model.graphs.max_graphs = 0
+        b = model(bag[0], bag[1], grid=bag[2])
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.scores, b.scores)

@@ -80,14 +80,14 @@ def test_grid_from_coordinates():
     assert grid.width == 3
     assert rows.tolist() == [0, 0, 0, 1, 1, 3]  # the 38 empty rows shrink to one
     assert cols.tolist() == [0, 1, 2, 0, 2, 0]
-    assert grid.cells.numel() == 6 and int(grid.counts.max()) == 1
+    assert grid.num_cells == 6 and grid.share.tolist() == [1.0] * 6
 
 
 def test_grid_cell_sharing_and_raster_fallback():
     coords = torch.tensor([[0, 0], [256, 0], [260, 3], [512, 0]])  # a patch of an offset lattice
     grid = patch_grid(coords, 4)
     assert grid.cell[1] == grid.cell[2]
-    assert grid.counts.tolist() == [1, 2, 1]
+    assert grid.num_cells == 3
     assert grid.share.tolist() == [1.0, 0.5, 0.5, 1.0]
     assert grid.occupied.tolist() == [True, True, True]  # one row of three cells
     model = small_model("mamba2d").eval()
@@ -143,13 +143,12 @@ def test_grid_moves_to_the_features_device_and_module_keeps_coords_on_host():
     coords = torch.tensor([[0, 0], [256, 0], [0, 256]])
     host_grid = patch_grid(coords, 3)
     # one tensor holds every part (a DataLoader hands one tensor over, one copy moves it to a GPU)
-    parts = (host_grid.cell, host_grid.cells, host_grid.inverse, host_grid.counts, host_grid.occupied, host_grid.share)
+    parts = (host_grid.cell, host_grid.occupied, host_grid.share)
     assert {t.untyped_storage().data_ptr() for t in parts} == {host_grid.buffer.untyped_storage().data_ptr()}
     assert host_grid.occupied.tolist() == [True, True, True, False] and host_grid.share.tolist() == [1.0, 1.0, 1.0]
     grid = host_grid.to("meta")
     assert (grid.height, grid.width) == (2, 2)
-    assert all(t.device.type == "meta" for t in (grid.cell, grid.cells, grid.inverse, grid.counts, grid.occupied,
-                                                   grid.share))
+    assert all(t.device.type == "meta" for t in (grid.cell, grid.occupied, grid.share))
     module = MILModule("abmil", IN_DIM, ["a", "b"])
     batch = {"features": torch.randn(3, IN_DIM), "coords": coords, "label": torch.tensor(1), "index": 0}
     moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)

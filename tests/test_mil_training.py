@@ -149,6 +149,22 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
         train_mil(_config(features, _without_split(frame, tmp_path), tmp_path / "r6"))
 
 
+def test_matmul_precision_is_set_for_the_run(tmp_path):
+    """TF32 products by default ("high"), full float32 when asked; an unknown value is refused."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    features, labels, _ = planted_dataset(tmp_path, n_slides=8, patches=(4, 8))
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        train_mil(_config(features, labels, tmp_path / "tf32", epochs=1))
+        assert torch.backends.cuda.matmul.allow_tf32
+        train_mil(_config(features, labels, tmp_path / "fp32", epochs=1, matmul_precision="highest"))
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    with pytest.raises(ConfigError, match="unknown matmul precision 'medium'"):
+        train_mil(_config(features, labels, tmp_path / "bad", matmul_precision="medium"))
+
+
 def _without_split(frame: pd.DataFrame, tmp_path):
     path = tmp_path / "nosplit.csv"
     frame.drop(columns="split").to_csv(path, index=False)

@@ -193,3 +193,25 @@ def test_mamba_learns_to_recall_the_first_token():
     with torch.no_grad():
         accuracy = (head(mixer(embed(x))[:, -1]).argmax(-1) == y).float().mean()
     assert accuracy > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused conv runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2d_conv_on_a_gpu_is_fused_and_matches_pytorch(dtype):
+    """On CUDA tensors Mamba2D's depthwise conv + SiLU is one Triton kernel each way; its output and
+    gradients are PyTorch's conv and SiLU (float64) within rounding, on a grid of several tiles."""
+    from mambascope.ssm.dispatch import depthwise_conv_silu
+
+    conv = nn.Conv2d(24, 24, 3, padding="same", groups=24).cuda()
+    x = torch.randn(2, 24, 45, 131, device="cuda").to(dtype).requires_grad_()
+    dy = torch.randn(x.shape, device="cuda").to(dtype)
+    fused = depthwise_conv_silu(conv, x)
+    assert fused.grad_fn is not None and "DepthwiseConvSiLU" in type(fused.grad_fn).__name__
+    grads = torch.autograd.grad(fused, (x, conv.weight, conv.bias), dy)
+    wide = conv.double()
+    x64 = x.detach().double().requires_grad_()
+    ref = F.silu(wide(x64))
+    expected = torch.autograd.grad(ref, (x64, wide.weight, wide.bias), dy.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip((fused, *grads), (ref, *expected), strict=True):
+        assert ((got.double() - want).norm() / want.norm()).item() < tolerance

@@ -143,3 +143,13 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
     assert [c[0] for c in kernel.calls] == ["triton", "handle", "triton", "triton"]
     # the compiled kernel takes every argument in signature order, constexprs included
     assert kernel.calls[1][1:] == ((5, 2, 1), (x, 48, 8, True))
+
+
+def test_fused_depthwise_conv_silu_matches_pytorch(interpreted):
+    """The Triton depthwise conv + bias + SiLU of Mamba2D on a GPU: output and the gradients of input,
+    weight and bias against PyTorch's conv2d and SiLU in float64."""
+    exact, rounded = interpreted["dwconv_3x3"], interpreted["dwconv_5x5_bf16"]
+    assert set(_errors(exact)) == {"out0", "dx", "dw", "db"}
+    assert max(_errors(exact).values()) < 1e-5, exact
+    assert max(_errors(rounded).values()) < 1e-2, rounded
+    assert exact["dtypes_ok"] and rounded["dtypes_ok"]

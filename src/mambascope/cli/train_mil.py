@@ -8,7 +8,15 @@ from typing import Any
 import click
 
 from mambascope.cli.options import config_option
-from mambascope.train.mil_options import LOSSES, MIL_MODELS, MONITORS, PRECISIONS, SAMPLERS, SCHEDULERS
+from mambascope.train.mil_options import (
+    LOSSES,
+    MATMUL_PRECISIONS,
+    MIL_MODELS,
+    MONITORS,
+    PRECISIONS,
+    SAMPLERS,
+    SCHEDULERS,
+)
 
 
 class MappingParam(click.ParamType):
@@ -77,6 +85,8 @@ def print_metrics_summary(metrics: dict[str, Any], title: str) -> None:
               help="Train on a random subset of at most this many patches per bag (evaluation uses all).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="32-true",
               show_default=True)
+@click.option("--matmul-precision", type=click.Choice(MATMUL_PRECISIONS), default="high", show_default=True,
+              help="float32 matrix products on CUDA GPUs: TF32 tensor cores (high) or full float32 (highest).")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
               help="Bags per optimizer step (gradient accumulation).")
 @click.option("--monitor", type=click.Choice(list(MONITORS)), default="val_loss", show_default=True,

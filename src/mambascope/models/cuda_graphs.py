@@ -1,15 +1,15 @@
 """A module's forward and backward replayed as CUDA graphs, one pair per input signature.
 
 Why: at one slide per step a MIL training step is bound by the host, not the GPU. On the H100
-machine every PyTorch op that launches a kernel costs 25-110 µs of host time, and one 2DMamba-MIL
-layer launches ~60 kernels forward and backward (benchmarks/RESULTS.md). A graph launches them all
-for the host cost of one.
+machine every PyTorch op that launches a kernel costs 25-110 µs of host time, and 2DMamba-MIL's work
+on its grid (the layers, pooling and head) launches ~100 kernels forward and backward
+(benchmarks/RESULTS.md). A graph launches them all for the host cost of one.
 
 Graphs fix shapes and addresses. So `CudaGraphCache` keeps a forward and a backward graph per input
 signature (shapes, strides, dtypes, which inputs need gradients, the autocast state), captured the
 `capture_after`-th time that signature is seen; the least-seen graph makes room when `max_graphs` are
-kept. A call copies its inputs into the graph's static inputs, replays, and returns a copy of the
-output. The backward hands autograd a copy of the parameters' gradients, so gradient accumulation and
+kept. A call copies its inputs into the graph's static inputs, replays, and returns copies of the
+outputs. The backward hands autograd a copy of the parameters' gradients, so gradient accumulation and
 hooks such as DDP's work as in eager mode. Results are the eager ones: the same kernels run on the
 same values. A forward that cannot be captured raises a `ConfigError` that names the way out.
 
@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mambascope.errors import ConfigError
 
@@ -39,11 +39,12 @@ class _Graphs:
     forward: torch.cuda.CUDAGraph
     backward: torch.cuda.CUDAGraph
     inputs: tuple[Tensor, ...]
-    output: Tensor
-    grad_output: Tensor
+    outputs: tuple[Tensor, ...]
+    grad_outputs: tuple[Tensor, ...]
     input_grads: tuple[Tensor | None, ...]  # per input (None: it needs none)
     param_grads: Tensor  # flat: the gradients of the differentiable parameters, in order
     param_shapes: tuple[torch.Size | None, ...]  # None: unused by the forward
+    returns_tuple: bool  # fn returned a tuple (else one tensor)
 
 
 class _Token:
@@ -74,10 +75,12 @@ def _signature(inputs: Sequence[Tensor], params: Sequence[Tensor]) -> tuple:
 
 
 class CudaGraphCache:
-    """`cache(fn, params, *inputs)` == `fn(*inputs)`, replayed from CUDA graphs where it can be.
+    """`cache(module, fn, *inputs)` == `fn(*inputs)`, replayed from CUDA graphs where it can be; `fn`
+    returns a tensor or a tuple of tensors.
 
-    `params`: every tensor `fn` reads besides `inputs` (a module's parameters); their addresses must stay
-    put (in-place optimizer updates do; moving the module drops the graphs). Eager whenever graphs
+    `module`: the owner of every parameter `fn` reads besides `inputs`, which `fn` reaches through the
+    module's attributes (e.g. `fn` is one of its methods); their addresses must stay put (in-place
+    optimizer updates do; moving the module drops the graphs). Eager whenever graphs
     cannot serve: CPU tensors, no gradient needed, `max_graphs` 0, inside another capture or a compile.
     """
 
@@ -100,7 +103,10 @@ class CudaGraphCache:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, fn: Callable[..., Tensor], params: Sequence[Tensor], *inputs: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, fn: Callable[..., Tensor | tuple[Tensor, ...]],
+                 *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        named = dict(module.named_parameters())
+        params = list(named.values())
         if not self._can_replay(params, inputs):
             return fn(*inputs)
         addresses = tuple(p.data_ptr() for p in params)
@@ -108,7 +114,7 @@ class CudaGraphCache:
             self._graphs.clear()
             self._param_addresses = addresses
         key = _signature(inputs, params)
-        trained = [p for p in params if p.requires_grad]
+        trained = {name: p for name, p in named.items() if p.requires_grad}
         self._seen[key] += 1
         graphs = self._graphs.get(key)
         if graphs is None:
@@ -118,16 +124,17 @@ class CudaGraphCache:
             if evict is not None:
                 del self._graphs[evict]
             try:
-                graphs = self._graphs[key] = self._capture(fn, trained, inputs)
+                graphs = self._graphs[key] = self._capture(module, fn, trained, inputs)
             except RuntimeError as error:
                 # e.g. an op that waits on the GPU; CUDA's random-number state is then left mid-capture,
                 # so the process cannot go on eagerly either
-                raise ConfigError(f"a CUDA graph of this model's layer could not be captured: {error}",
+                raise ConfigError(f"a CUDA graph of this model could not be captured: {error}",
                                   hint="train it without CUDA graphs: --model-args '{\"cuda_graphs\": 0}' "
                                   "(from Python: cuda_graphs=0)") from error
         token = _Token()
         self._waiting = weakref.ref(token)
-        return _Replay.apply(graphs, token, len(inputs), *inputs, *trained)
+        outputs = _Replay.apply(graphs, token, len(inputs), *inputs, *trained.values())
+        return outputs if graphs.returns_tuple else outputs[0]
 
     def _can_replay(self, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> bool:
         return (self.max_graphs > 0 and torch.is_grad_enabled() and all(t.is_cuda for t in inputs)
@@ -135,11 +142,23 @@ class CudaGraphCache:
                 and self._waiting() is None
                 and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling())
 
-    def _capture(self, fn: Callable[..., Tensor], trained: list[Tensor], inputs: Sequence[Tensor]) -> _Graphs:
+    def _capture(self, module: nn.Module, fn: Callable[..., Tensor | tuple[Tensor, ...]],
+                 trained: dict[str, Tensor], inputs: Sequence[Tensor]) -> _Graphs:
         """The two graphs of `fn` on static copies of `inputs`, differentiated for those inputs that need
-        gradients and for the `trained` parameters."""
+        gradients and for the `trained` parameters (by name in `module`).
+
+        `fn` runs on aliases of the parameters (same memory, new autograd leaves): the autograd nodes of
+        the parameters themselves may be held by an earlier step's graph, made on another stream, and
+        the capture would then have to wait on that stream, which breaks it."""
         static = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        differentiable = [t for t in static if t.requires_grad] + trained
+        aliases = {f"module.{name}": p.detach().requires_grad_() for name, p in trained.items()}
+        bound = _Bound(module, fn)
+
+        def fn_on_aliases(*args: Tensor) -> Tensor | tuple[Tensor, ...]:
+            return torch.func.functional_call(bound, aliases, args)
+
+        differentiable = [t for t in static if t.requires_grad] + list(aliases.values())
+        num_input_grads = len(differentiable) - len(aliases)
         # the caller's autocast, without its cast cache (cached casts would outlive the capture)
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
@@ -151,47 +170,65 @@ class CudaGraphCache:
             # one eager pass on the capture stream first: libraries set up per stream (cuBLAS
             # workspaces) and kernels are compiled outside the capture
             with autocast:
-                warm = fn(*static)
-            torch.autograd.grad(warm, differentiable, torch.ones_like(warm), allow_unused=True)
+                warm = _as_tuple(fn_on_aliases(*static))
+            torch.autograd.grad(warm, differentiable, [torch.ones_like(t) for t in warm], allow_unused=True)
             del warm
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # thread-local capture: a DataLoader's pinning thread may allocate meanwhile
             with torch.cuda.graph(forward, pool=self._pool, stream=stream, capture_error_mode="thread_local"), autocast:
-                output = fn(*static)
-            grad_output = torch.empty_like(output)
+                result = fn_on_aliases(*static)
+                outputs = _as_tuple(result)
+            grad_outputs = tuple(torch.empty_like(t) for t in outputs)
             with torch.cuda.graph(backward, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                grads = torch.autograd.grad(output, differentiable, grad_output, allow_unused=True)
-                num_input_grads = len(differentiable) - len(trained)
+                grads = torch.autograd.grad(outputs, differentiable, grad_outputs, allow_unused=True)
                 param_grads = grads[num_input_grads:]
                 # parameter gradients in one buffer, so one copy hands them out (they are small)
                 flat = torch.cat([g.reshape(-1) for g in param_grads if g is not None])
         torch.cuda.current_stream().wait_stream(stream)
         input_grads = iter(grads[:num_input_grads])
-        return _Graphs(forward, backward, static, output.detach(), grad_output,
+        return _Graphs(forward, backward, static, tuple(t.detach() for t in outputs), grad_outputs,
                        tuple(next(input_grads) if t.requires_grad else None for t in static), flat,
-                       tuple(g.shape if g is not None else None for g in param_grads))
+                       tuple(g.shape if g is not None else None for g in param_grads),
+                       returns_tuple=isinstance(result, tuple))
+
+
+class _Bound(nn.Module):
+    """`fn` as the forward of a module holding `module`, so `torch.func.functional_call` can run it on
+    substitutes for `module`'s parameters."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Tensor | tuple[Tensor, ...]]):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return self.fn(*args)
+
+
+def _as_tuple(result: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return result if isinstance(result, tuple) else (result,)
 
 
 class _Replay(torch.autograd.Function):
-    """Autograd's view of one replay: inputs and differentiable parameters in, output out."""
+    """Autograd's view of one replay: inputs and differentiable parameters in, outputs out."""
 
     @staticmethod
-    def forward(ctx, graphs: _Graphs, token: _Token, num_inputs: int, *tensors: Tensor) -> Tensor:
+    def forward(ctx, graphs: _Graphs, token: _Token, num_inputs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         for static, given in zip(graphs.inputs, tensors[:num_inputs], strict=True):
             static.copy_(given)
         graphs.forward.replay()
         ctx.graphs, ctx.token = graphs, token
         ctx.leaves = tuple(t.requires_grad and t.grad_fn is None for t in tensors[:num_inputs])
-        return graphs.output.clone()
+        return tuple(t.clone() for t in graphs.outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple:
+    def backward(ctx, *grad_outputs: Tensor) -> tuple:
         if ctx.token is None:
             raise RuntimeError("backward ran twice through a CUDA-graphed forward, whose saved state the "
                                "first backward used up; run that model with cuda_graphs=0 to keep the graph")
         graphs = ctx.graphs
-        graphs.grad_output.copy_(grad_output)
+        for static, given in zip(graphs.grad_outputs, grad_outputs, strict=True):
+            static.copy_(given)
         graphs.backward.replay()
         ctx.token = None  # this forward's state is spent: the cache may replay again
         # The inputs' gradients are passed on as they are: autograd hands them to the inputs' producers

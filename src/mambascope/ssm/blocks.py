@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from mambascope.ssm.dispatch import selective_scan, selective_scan_2d
+from mambascope.ssm.dispatch import depthwise_conv_silu, selective_scan, selective_scan_2d
 from mambascope.ssm.orders import cross_merge, cross_scan
 
 
@@ -264,7 +264,7 @@ class Mamba2D(nn.Module):
         # are made (at one slide per step those copies and their gradients were ~10 launches).
         tokens = hidden.reshape(batch, height * width, -1).transpose(1, 2)
         x, z = channel_product(self.in_proj.weight, tokens).unflatten(2, (height, width)).chunk(2, dim=1)
-        x = F.silu(self.conv2d(x))
+        x = depthwise_conv_silu(self.conv2d, x, self.backend)
         dt, B, C = channel_product(self.x_proj.weight, x.flatten(2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=1)
         y = selective_scan_2d(

@@ -3,6 +3,8 @@
 `selective_scan` / `selective_scan_2d` check their arguments once, pick a backend (`backend="auto"`:
 mamba-ssm's CUDA kernel for 1D CUDA tensors when installed, else the Triton kernels on CUDA, else the
 chunked `torch` scan) and call it. Backends that need optional packages are imported only when chosen.
+`depthwise_conv_silu`, the conv in front of the 2D scan, follows the same choice between Triton and
+PyTorch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import importlib
 import os
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mambascope.errors import ConfigError
 from mambascope.ssm.reference import selective_scan_2d_reference, selective_scan_reference
@@ -136,3 +139,17 @@ def selective_scan_2d(
     from mambascope.ssm.triton_scan2d import selective_scan_2d_triton
 
     return selective_scan_2d_triton(*args)
+
+
+def depthwise_conv_silu(conv: nn.Conv2d, x: Tensor, backend: str = "auto") -> Tensor:
+    """SiLU(conv(x)) for a depthwise, odd-sized, "same"-padded `conv`: one fused Triton kernel each way
+    on CUDA tensors when the scan backend would be Triton (`ssm.triton_dwconv`), PyTorch's ops else."""
+    odd = conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
+    fused = (conv.groups == conv.in_channels == conv.out_channels and odd and conv.bias is not None
+             and conv.padding == "same" and backend in ("auto", "triton") and x.dim() == 4
+             and (x.is_cuda or backend == "triton") and available_backends()["triton"])
+    if not fused:
+        return F.silu(conv(x))
+    from mambascope.ssm.triton_dwconv import depthwise_conv_silu_triton
+
+    return depthwise_conv_silu_triton(x, conv.weight, conv.bias)

@@ -33,7 +33,15 @@ from mambascope.data.splits import Split, make_splits
 from mambascope.errors import CheckpointError, ConfigError, DataError, MambascopeError
 from mambascope.eval.classification import classification_metrics, save_classification_report
 from mambascope.train.checkpoints import checkpoint_hparams, load_checkpoint_dict
-from mambascope.train.mil_options import LOSSES, MIL_MODELS, MONITORS, PRECISIONS, SAMPLERS, SCHEDULERS
+from mambascope.train.mil_options import (
+    LOSSES,
+    MATMUL_PRECISIONS,
+    MIL_MODELS,
+    MONITORS,
+    PRECISIONS,
+    SAMPLERS,
+    SCHEDULERS,
+)
 from mambascope.train.runs import RunLayout
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,7 @@ class MILTrainConfig:
     sampler: str = "random"
     max_patches: int | None = None
     precision: str = "32-true"
+    matmul_precision: str = "high"
     accumulate: int = 1
     monitor: str = "val_loss"
     patience: int = 10
@@ -217,6 +226,8 @@ def _validate(cfg: MILTrainConfig) -> None:
               (cfg.scheduler in SCHEDULERS, f"unknown scheduler {cfg.scheduler!r}", f"choose one of: {', '.join(SCHEDULERS)}"),
               (cfg.loss in LOSSES, f"unknown loss {cfg.loss!r}", f"choose one of: {', '.join(LOSSES)}"),
               (cfg.precision in PRECISIONS, f"unknown precision {cfg.precision!r}", f"choose one of: {', '.join(PRECISIONS)}"),
+              (cfg.matmul_precision in MATMUL_PRECISIONS, f"unknown matmul precision {cfg.matmul_precision!r}",
+               f"choose one of: {', '.join(MATMUL_PRECISIONS)}"),
               (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}", None),
               (cfg.sampler in SAMPLERS, f"unknown sampler {cfg.sampler!r}", f"choose one of: {', '.join(SAMPLERS)}"),
               (cfg.monitor in MONITORS, f"cannot monitor {cfg.monitor!r}", f"choose one of: {', '.join(MONITORS)}"),
@@ -270,7 +281,8 @@ def _train_split(cfg: MILTrainConfig, layout: RunLayout, bags: list[SlideBag], s
         _check_resume_compatible(resume_from, dict(module.hparams))
         log.info("resuming %s from %s", split.name, resume_from)
     trainer = build_trainer(layout, max_epochs=cfg.epochs, monitor=cfg.monitor, mode=MONITORS[cfg.monitor],
-                            patience=cfg.patience, precision=cfg.precision, devices=_devices(str(cfg.devices)),
+                            patience=cfg.patience, precision=cfg.precision,
+                            matmul_precision=cfg.matmul_precision, devices=_devices(str(cfg.devices)),
                             accelerator=cfg.accelerator, accumulate_grad_batches=cfg.accumulate,
                             strategy=cfg.strategy, wandb_project=cfg.wandb_project, num_nodes=cfg.num_nodes,
                             progress_bar=cfg.progress_bar, log_every_n_steps=max(1, min(10, len(split.train))),

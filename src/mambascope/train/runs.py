@@ -74,6 +74,17 @@ def _loggers(layout: RunLayout, wandb_project: str | None) -> list[Any]:
     return loggers
 
 
+def set_matmul_precision(precision: Literal["high", "highest"]) -> None:
+    """float32 matrix products on CUDA GPUs for this process: TF32 tensor cores ("high": inputs rounded to
+    a 10-bit mantissa, sums in float32, several times faster) or full float32 ("highest", PyTorch's
+    default). CPUs and mixed-precision products are unaffected."""
+    import torch
+
+    if precision not in ("high", "highest"):
+        raise ConfigError(f"unknown matmul precision {precision!r}", hint="choose high or highest")
+    torch.backends.cuda.matmul.allow_tf32 = precision == "high"
+
+
 def build_trainer(
     layout: RunLayout,
     *,
@@ -82,6 +93,7 @@ def build_trainer(
     mode: Literal["min", "max"],
     patience: int | None,
     precision: str = "32-true",
+    matmul_precision: Literal["high", "highest"] = "highest",
     devices: int | str | Sequence[int] = "auto",
     accelerator: str = "auto",
     accumulate_grad_batches: int = 1,
@@ -101,7 +113,8 @@ def build_trainer(
     `deterministic=True` uses deterministic algorithms where torch has them and only warns for ops that
     have none on the GPU (scatter/index_add backward), so a run never dies for it.
     `use_distributed_sampler=False` leaves DDP sharding to the caller's loaders (Lightning otherwise
-    shuffles every training loader it shards).
+    shuffles every training loader it shards). `matmul_precision` is set for the process
+    (`set_matmul_precision`).
     """
     import lightning
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -120,6 +133,7 @@ def build_trainer(
     if patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     callbacks.extend(extra_callbacks)
+    set_matmul_precision(matmul_precision)
     return lightning.Trainer(
         default_root_dir=str(layout.root),
         max_epochs=max_epochs,

@@ -28,10 +28,9 @@ MAX_CELLS_PER_PATCH = 64
 _MIN_CELL_BUDGET = 1 << 20
 
 
-# the grid's arrays, back to back in one byte buffer: (name, dtype, length: "patches", "cells" or "grid");
+# the grid's arrays, back to back in one byte buffer: (name, dtype, length: "patches" or "grid");
 # the 8-byte parts come first, so every part starts aligned to its element size
-_PARTS = (("cell", torch.int64, "patches"), ("cells", torch.int64, "cells"), ("inverse", torch.int64, "patches"),
-          ("counts", torch.int64, "cells"), ("share", torch.float32, "patches"), ("occupied", torch.bool, "grid"))
+_PARTS = (("cell", torch.int64, "patches"), ("share", torch.float32, "patches"), ("occupied", torch.bool, "grid"))
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.bool: np.bool_}
 
 
@@ -42,10 +41,10 @@ def _part_view(name: str) -> cached_property:
 
 @dataclass(frozen=True, eq=False)
 class PatchGrid:
-    """`cell` (N,) flat cell of each patch on an `height` × `width` grid; `cells` the distinct occupied
-    cells (M,), `inverse` (N,) each patch's position in `cells`, `counts` (M,) patches per cell;
+    """`cell` (N,) flat cell of each patch on an `height` × `width` grid, `num_cells` of them distinct;
     `occupied` (height × width,) bool marks the cells with patches and `share` (N,) float32 is each
-    patch's share of its cell, 1 / its cell's count (both made here so a device need not derive them).
+    patch's share of its cell, 1 / the number of patches in it (both made here so a device need not
+    derive them).
 
     The arrays are views of one byte `buffer`, so a grid travels as one tensor: from DataLoader workers
     to the training process (each tensor costs that process a shared-memory handle and a pinned
@@ -58,7 +57,7 @@ class PatchGrid:
     buffer: torch.Tensor
 
     def _part(self, name: str) -> torch.Tensor:
-        lengths = {"patches": self.num_patches, "cells": self.num_cells, "grid": self.height * self.width}
+        lengths = {"patches": self.num_patches, "grid": self.height * self.width}
         start = 0
         for part, dtype, length in _PARTS:
             size = lengths[length] * dtype.itemsize
@@ -68,9 +67,6 @@ class PatchGrid:
         raise KeyError(name)
 
     cell = _part_view("cell")
-    cells = _part_view("cells")
-    inverse = _part_view("inverse")
-    counts = _part_view("counts")
     share = _part_view("share")
     occupied = _part_view("occupied")
 
@@ -87,10 +83,10 @@ class PatchGrid:
         return self._moved(self.buffer.pin_memory())
 
 
-def _packed(height: int, width: int, arrays: dict[str, np.ndarray]) -> PatchGrid:
+def _packed(height: int, width: int, num_cells: int, arrays: dict[str, np.ndarray]) -> PatchGrid:
     """A PatchGrid whose buffer holds `arrays` (keyed by part name) in `_PARTS` order."""
     chunks = [np.ascontiguousarray(arrays[name], dtype=_NUMPY_DTYPES[dtype]).view(np.uint8) for name, dtype, _ in _PARTS]
-    return PatchGrid(height, width, len(arrays["cell"]), len(arrays["cells"]), torch.from_numpy(np.concatenate(chunks)))
+    return PatchGrid(height, width, len(arrays["cell"]), num_cells, torch.from_numpy(np.concatenate(chunks)))
 
 
 def _host_axes(coords: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,9 +178,7 @@ def patch_grid(coords: torch.Tensor | np.ndarray | None, num_patches: int, multi
                         f"{num_patches} patches)", hint="check the coords, or use a sequence model (mambamil)")
     cell = rows * width + cols
     cells, inverse = dense_ids(cell)
-    counts = np.bincount(inverse)
     occupied = np.zeros(height * width, dtype=bool)
     occupied[cells] = True
-    share = 1.0 / counts[inverse]
-    return _packed(height, width, {"cell": cell, "cells": cells, "inverse": inverse, "counts": counts,
-                                   "share": share, "occupied": occupied})
+    share = 1.0 / np.bincount(inverse)[inverse]
+    return _packed(height, width, len(cells), {"cell": cell, "share": share, "occupied": occupied})

@@ -21,21 +21,16 @@ from mambascope.models.registry import register_model
 
 
 class Mamba2DLayer(nn.Module):
-    """x + Mamba2D(LN(x), mask) on a (1, H, W, dim) grid. In training on a GPU it replays from CUDA
-    graphs, one pair per grid shape, at most `cuda_graphs` of them (`models.cuda_graphs`; 0: eager)."""
+    """x + Mamba2D(LN(x), mask) on a (1, H, W, dim) grid."""
 
-    def __init__(self, dim: int, d_state: int, expand: int, backend: str, cuda_graphs: int):
+    def __init__(self, dim: int, d_state: int, expand: int, backend: str):
         super().__init__()
         from mambascope.ssm import Mamba2D
 
         self.norm = nn.LayerNorm(dim)
         self.mamba = Mamba2D(dim, d_state=d_state, expand=expand, backend=backend)
-        self.graphs = CudaGraphCache(max_graphs=cuda_graphs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.graphs(self.mix, list(self.parameters()), x, mask)
-
-    def mix(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return x + self.mamba(self.norm(x), mask)
 
 
@@ -43,7 +38,9 @@ class Mamba2DMIL(nn.Module):
     """Projection, grid placement, `depth` masked 2D-Mamba layers, LayerNorm, attention pooling, head.
 
     The defaults are the published 2DMamba-MIL configuration (a 128-wide model, one layer, expand 2,
-    16 states: 256 scan channels). `cuda_graphs`: CUDA graphs kept per layer in GPU training (0: none)."""
+    16 states: 256 scan channels). Everything after the placement works on the whole grid, empty cells
+    masked, so its shapes are the grid's: in GPU training it replays from CUDA graphs, one pair per grid
+    shape, at most `cuda_graphs` of them (`models.cuda_graphs`; 0: eager)."""
 
     def __init__(self, in_dim: int, num_classes: int, dim: int = 128, depth: int = 1, d_state: int = 16,
                  expand: int = 2, attn_dim: int = 128, dropout: float = 0.25, backend: str = "auto",
@@ -51,15 +48,16 @@ class Mamba2DMIL(nn.Module):
         super().__init__()
         self.in_dim = in_dim
         self.embed = projection(in_dim, dim, dropout)
-        self.layers = nn.ModuleList(Mamba2DLayer(dim, d_state, expand, backend, cuda_graphs) for _ in range(depth))
+        self.layers = nn.ModuleList(Mamba2DLayer(dim, d_state, expand, backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.pool = AttentionPooling(dim, attn_dim, gated=True, dropout=dropout)
         self.head = nn.Linear(dim, num_classes)
+        self.graphs = CudaGraphCache(max_graphs=cuda_graphs)
 
     def grid_multiple(self, device: torch.device | str) -> int:
         """On a GPU grids are padded with masked cells to a few sizes (`grid.padded_size`): rows 16 cells
-        wide spare the 2D scan its padding copies, and layers replay a CUDA graph per grid shape;
-        elsewhere a grid keeps its size."""
+        wide spare the 2D scan its padding copies, and a CUDA graph replays per grid shape; elsewhere a
+        grid keeps its size."""
         return 16 if torch.device(device).type == "cuda" else 1
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None,
@@ -79,16 +77,19 @@ class Mamba2DMIL(nn.Module):
         shared = grid.num_cells < grid.num_patches
         placed = h * grid.share.unsqueeze(1).to(h.dtype) if shared else h
         canvas = h.new_zeros(grid.height * grid.width, h.shape[1]).index_add_(0, grid.cell, placed)
-        x = canvas.view(1, grid.height, grid.width, -1)
-        mask = grid.occupied.view(1, grid.height, grid.width)
+        logits, cell_weights = self.graphs(self, self._on_grid, canvas.view(1, grid.height, grid.width, -1),
+                                           grid.occupied.view(1, grid.height, grid.width))
+        # index_select, not cell_weights[cell]: its gradient is a plain index_add, where advanced
+        # indexing's goes through a sorting index_put
+        scores = cell_weights.index_select(0, grid.cell)
+        return MILOutput(logits=logits, scores=scores * grid.share.to(scores.dtype) if shared else scores)
+
+    def _on_grid(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and per-cell attention weights (0 on empty cells) of a placed (1, H, W, dim) grid."""
         for layer in self.layers:
             x = layer(x, mask)
-        # index_select, not x[cells]: its gradient is a plain index_add (the cells are distinct), where
-        # advanced indexing's goes through a sorting index_put (~0.25 ms of host time a step)
-        tokens = self.norm(x.reshape(grid.height * grid.width, -1).index_select(0, grid.cells))
-        pooled, weights = self.pool(tokens)
-        scores = weights[grid.inverse]
-        return MILOutput(logits=self.head(pooled), scores=scores * grid.share.to(weights.dtype) if shared else scores)
+        pooled, weights = self.pool(self.norm(x.reshape(-1, x.shape[-1])), mask.reshape(-1))
+        return self.head(pooled), weights
 
 
 @register_model("mamba2d")
