@@ -28,6 +28,8 @@ import time
 
 from isolated import run_each_in_process
 
+from mambascope.train.runs import MATMUL_PRECISIONS
+
 MODELS = ("abmil", "abmil-gated", "transmil", "mambamil", "mamba2d")
 REFERENCE = "abmil-gated"
 WINDOW = 10  # timed steps per window
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timed-steps", type=int, default=None, help="time this many steps and extrapolate")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
-    parser.add_argument("--matmul-precision", choices=("high", "highest"), default="high",
+    parser.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="high",
                         help="float32 products on a GPU: TF32 tensor cores (high, train mil's default) or full "
                              "float32 (highest)")
     parser.add_argument("--loader-workers", type=int, default=2,

@@ -8,15 +8,8 @@ from typing import Any
 import click
 
 from mambascope.cli.options import config_option
-from mambascope.train.mil_options import (
-    LOSSES,
-    MATMUL_PRECISIONS,
-    MIL_MODELS,
-    MONITORS,
-    PRECISIONS,
-    SAMPLERS,
-    SCHEDULERS,
-)
+from mambascope.train.mil_options import LOSSES, MIL_MODELS, MONITORS, PRECISIONS, SAMPLERS, SCHEDULERS
+from mambascope.train.runs import MATMUL_PRECISIONS
 
 
 class MappingParam(click.ParamType):

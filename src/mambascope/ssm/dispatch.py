@@ -143,11 +143,10 @@ def selective_scan_2d(
 
 def depthwise_conv_silu(conv: nn.Conv2d, x: Tensor, backend: str = "auto") -> Tensor:
     """SiLU(conv(x)) for a depthwise, odd-sized, "same"-padded `conv`: one fused Triton kernel each way
-    on CUDA tensors when the scan backend would be Triton (`ssm.triton_dwconv`), PyTorch's ops else."""
+    where the 2D scan's backend resolves to Triton (`ssm.triton_dwconv`), PyTorch's ops else."""
     odd = conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
     fused = (conv.groups == conv.in_channels == conv.out_channels and odd and conv.bias is not None
-             and conv.padding == "same" and backend in ("auto", "triton") and x.dim() == 4
-             and (x.is_cuda or backend == "triton") and available_backends()["triton"])
+             and conv.padding == "same" and x.dim() == 4 and resolve_backend(backend, x, two_d=True) == "triton")
     if not fused:
         return F.silu(conv(x))
     from mambascope.ssm.triton_dwconv import depthwise_conv_silu_triton

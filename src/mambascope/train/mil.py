@@ -33,16 +33,8 @@ from mambascope.data.splits import Split, make_splits
 from mambascope.errors import CheckpointError, ConfigError, DataError, MambascopeError
 from mambascope.eval.classification import classification_metrics, save_classification_report
 from mambascope.train.checkpoints import checkpoint_hparams, load_checkpoint_dict
-from mambascope.train.mil_options import (
-    LOSSES,
-    MATMUL_PRECISIONS,
-    MIL_MODELS,
-    MONITORS,
-    PRECISIONS,
-    SAMPLERS,
-    SCHEDULERS,
-)
-from mambascope.train.runs import RunLayout
+from mambascope.train.mil_options import LOSSES, MIL_MODELS, MONITORS, PRECISIONS, SAMPLERS, SCHEDULERS
+from mambascope.train.runs import MATMUL_PRECISIONS, RunLayout
 
 log = logging.getLogger(__name__)
 

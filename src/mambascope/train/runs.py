@@ -74,14 +74,19 @@ def _loggers(layout: RunLayout, wandb_project: str | None) -> list[Any]:
     return loggers
 
 
+#: float32 matrix products on CUDA GPUs: TF32 tensor cores ("high") or full float32 ("highest")
+MATMUL_PRECISIONS = ("high", "highest")
+
+
 def set_matmul_precision(precision: Literal["high", "highest"]) -> None:
     """float32 matrix products on CUDA GPUs for this process: TF32 tensor cores ("high": inputs rounded to
     a 10-bit mantissa, sums in float32, several times faster) or full float32 ("highest", PyTorch's
     default). CPUs and mixed-precision products are unaffected."""
     import torch
 
-    if precision not in ("high", "highest"):
-        raise ConfigError(f"unknown matmul precision {precision!r}", hint="choose high or highest")
+    if precision not in MATMUL_PRECISIONS:
+        raise ConfigError(f"unknown matmul precision {precision!r}",
+                          hint=f"choose one of: {', '.join(MATMUL_PRECISIONS)}")
     torch.backends.cuda.matmul.allow_tf32 = precision == "high"
 
 
