@@ -408,15 +408,14 @@ def run_sweep(rows, only):
 
 
 SWEEP_1D = [
-    dict(BD=32, programs=1024, warps=1),
-    dict(BD=32, programs=2048, warps=1),
-    dict(BD=32, programs=2640, warps=1),
-    dict(BD=32, programs=4096, warps=1),
-    dict(BD=32, programs=2048, warps=1, programs_bwd=1056),
-    dict(BD=32, programs=2048, warps=1, programs_bwd=1320),
-    dict(BD=32, programs=2048, warps=1, programs_bwd=2640),
-    dict(BD=32, programs=2048, warps=1, programs_bwd=3960),
-    dict(BD=32, programs=2048, warps=1, BD_BWD=64, warps_bwd=2),
+    dict(regs=255),  # the default for batch 1
+    dict(),  # ptxas's own register choice
+    dict(regs=168),
+    dict(regs=255, programs=1024),
+    dict(regs=255, programs=4096),
+    dict(regs=255, programs_bwd=4096),
+    dict(regs=255, regs_bwd=224),
+    dict(regs=255, T=8),  # 8-position tiles when training too
 ]
 SWEEP_2D = [
     dict(),

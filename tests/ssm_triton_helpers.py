@@ -15,7 +15,7 @@ import sys
 import torch
 
 CASE_NAMES = (
-    "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16",
+    "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16", "1d_bf16_tile16",
     "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare",
     "dwconv_3x3", "dwconv_5x5_bf16",
 )
@@ -127,6 +127,11 @@ def run_case(name: str) -> dict:
         dtype = torch.bfloat16 if name == "1d_bf16" else torch.float16
         x = scan_inputs(gen, 1, 4, (21,), 4, 2, True, dtype=dtype)
         return compare(lambda **k: tri1(**k, delta_softplus=True),
+                       lambda **k: selective_scan_reference(**k, delta_softplus=True), x)
+    if name == "1d_bf16_tile16":  # the 16-position tiles 16-bit inputs get when training; padded, 3 segments
+        x = scan_inputs(gen, 1, 4, (45,), 4, 1, False, dtype=torch.bfloat16)
+        cfg16 = Scan1DConfig(T=16, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
+        return compare(lambda **k: selective_scan_triton(**k, delta_softplus=True, config=cfg16),
                        lambda **k: selective_scan_reference(**k, delta_softplus=True), x)
     if name == "1d_dispatch":
         x = scan_inputs(gen, 1, 4, (11,), 2, 1, False)

@@ -59,7 +59,7 @@ def test_float32_matches_reference_forward_and_backward(interpreted, case, expec
     assert result["dtypes_ok"], "gradients must come back in each input's dtype"
 
 
-@pytest.mark.parametrize("case", ["1d_bf16", "1d_fp16"])
+@pytest.mark.parametrize("case", ["1d_bf16", "1d_fp16", "1d_bf16_tile16"])
 def test_half_precision_inputs_accumulate_in_float32(interpreted, case):
     result = interpreted[case]
     errors = _errors(result)

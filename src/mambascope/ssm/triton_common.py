@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from mambascope.errors import ConfigError
 
@@ -112,13 +113,26 @@ def lin_combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
+# compiled kernels can call libdevice; the CPU interpreter cannot
+_HAS_LIBDEVICE: tl.constexpr = tl.constexpr(not interpreting())
+
+
 @triton.jit
-def delta_act(raw, bias, SOFTPLUS: tl.constexpr):
-    """Δ = softplus(delta + bias) (torch's threshold of 20), or delta + bias."""
+def delta_act(raw, bias, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr = False):
+    """Δ = softplus(delta + bias) (torch's threshold of 20), or delta + bias.
+
+    FAST_LOG takes softplus's log on the special-function unit (lg2.approx) instead of Triton's
+    ~25-instruction polynomial, a tenth of the 1D forward's instructions; its absolute error (~1e-7)
+    is why small arguments then take a series. The 1D kernels use it; the 2D forward measured 25%
+    slower with it (NOTES_scan.md, version 23) and keeps the polynomial, as does the interpreter."""
     x = raw + bias
     if SOFTPLUS:
         e = tl.exp(tl.minimum(x, 20.0))
-        x = tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
+        if FAST_LOG and _HAS_LIBDEVICE:
+            series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * 0.25)))  # e < 2^-5: error < 2e-7
+            x = tl.where(x > 20.0, x, tl.where(e < 0.03125, series, libdevice.fast_logf(1.0 + e)))
+        else:
+            x = tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
     return x
 
 
@@ -136,7 +150,7 @@ def store_gated(out_ptr, xoff, y, u, Dv, z_ptr, m, HAS_D: tl.constexpr, HAS_Z: t
     if HAS_D:
         y += Dv * u
     if HAS_Z:
-        zz = tl.load(z_ptr + xoff, mask=m, other=0.0).to(tl.float32)
+        zz = tl.load(z_ptr + xoff, mask=m).to(tl.float32)  # lanes masked off are never stored
         y = y * zz * tl.sigmoid(zz)
     tl.store(out_ptr + xoff, y, mask=m)
 
@@ -168,51 +182,6 @@ def reverse_lin_scan(a, b, AXIS: tl.constexpr):
     return tl.flip(g, AXIS)
 
 
-def _reduce_scatter_ptx(T: int) -> str:
-    """PTX that sums T float32 registers over the 32 lanes of a warp and leaves in each lane the sum
-    for one register index: halving exchanges (lane bit 16, 8, ... decides which half a lane keeps and
-    which it sends), then full exchanges over the lanes left. T - 1 + 5 - log2(T) shuffles instead
-    of 5 T; the result is written to all T outputs."""
-    vals = [f"${T + i}" for i in range(T)]
-    lines = ["{", ".reg .pred %rs_hi;", f".reg .b32 %rs_lane, %rs_s<{T}>, %rs_k<{T}>, %rs_r<{T}>;",
-             "mov.u32 %rs_lane, %laneid;"]
-    mask = 16
-    while len(vals) > 1:
-        half = len(vals) // 2
-        lines += [f"and.b32 %rs_s0, %rs_lane, {mask};", "setp.ne.u32 %rs_hi, %rs_s0, 0;"]
-        for i in range(half):
-            lo, hi = vals[i], vals[i + half]
-            lines += [f"selp.b32 %rs_s{i}, {lo}, {hi}, %rs_hi;", f"selp.b32 %rs_k{i}, {hi}, {lo}, %rs_hi;",
-                      f"shfl.sync.bfly.b32 %rs_r{i}, %rs_s{i}, {mask}, 0x1f, 0xffffffff;",
-                      f"add.f32 %rs_k{i}, %rs_k{i}, %rs_r{i};"]
-        vals = [f"%rs_k{i}" for i in range(half)]
-        mask //= 2
-    while mask:
-        lines += [f"shfl.sync.bfly.b32 %rs_r0, %rs_k0, {mask}, 0x1f, 0xffffffff;", "add.f32 %rs_k0, %rs_k0, %rs_r0;"]
-        mask //= 2
-    lines += [f"mov.b32 ${i}, %rs_k0;" for i in range(T)] + ["}"]
-    return "\n".join(lines)
-
-
-_REDUCE_SCATTER_8: tl.constexpr = tl.constexpr(_reduce_scatter_ptx(8))
-_REGISTERS_8: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
-
-
-@triton.jit
-def lane_reduce_scatter(x):
-    """Sum an (8, 32) one-warp tile (8 positions in each thread's registers, one channel a lane) over
-    its channels, scattered: lane l gets the sum for position `lane_position(l)`, in every register
-    (9 shuffles where `tl.sum` over the lanes takes 40). Compiled kernels only: inline PTX."""
-    return tl.inline_asm_elementwise(_REDUCE_SCATTER_8, _REGISTERS_8, [x], dtype=tl.float32, is_pure=True, pack=8)
-
-
-@triton.jit
-def lane_position(lane):
-    """The position whose channel sum `lane_reduce_scatter` leaves in lane `lane` (lane bit 16 picks
-    the upper half of the 8 positions, bit 8 the upper half of that, bit 4 the upper one of a pair)."""
-    return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1)
-
-
 @triton.jit
 def channel_block(pid_d, dpg, bias_ptr, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
@@ -234,7 +203,8 @@ def agg_kernel(
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Summaries (ΣΔ, zero-start state) of one segment of one 1D sequence for BD channels (Lseq
-    positions, row stride LS).
+    positions, row stride LS, rows padded with zeros to LS so tiles load unmasked; coef float32 and
+    tile-major, (batch, G, LS / T, N, T)).
 
     Forward (REVERSE False): drive `Δ u B`, the state left at the segment's end, summed over tiles
     from the end so each weight is one exponential of the Δ summed after the position. Adjoint
@@ -260,12 +230,12 @@ def agg_kernel(
         offs_t = t0 + tr
         tm = (offs_t < Lseq)[:, None]
         xoff = seq[None, :] * LS + offs_t[:, None]
-        raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
-        v = tl.load(v_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        raw = tl.load(dl_ptr + xoff).to(tl.float32)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
+        v = tl.load(v_ptr + xoff).to(tl.float32)
         if REVERSE:
             if HAS_Z:
-                zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+                zz = tl.load(z_ptr + xoff).to(tl.float32)
                 v = v * zz * tl.sigmoid(zz)
         else:
             v = dt * v
@@ -275,8 +245,8 @@ def agg_kernel(
         for n in tl.static_range(N):
             sel = nidx == n
             An = tl.sum(tl.where(sel, A2, 0.0), axis=0)[None, :]
-            cf = tl.load(coef_ptr + cbase + n * LS + offs_t[:, None] + zero_d, mask=tm, other=0.0)
-            contrib = tl.sum(tl.exp2(An * e) * v * cf.to(tl.float32), axis=0)[None, :]
+            cf = tl.load(coef_ptr + cbase + t0 * N + n * T + tr[:, None] + zero_d)  # tile-major, float32
+            contrib = tl.sum(tl.exp2(An * e) * v * cf, axis=0)[None, :]
             H = tl.where(sel, H + contrib, H)
         run += tot
     sidx = seq * n_seg + s

@@ -1,14 +1,16 @@
 """The 1D selective scan as Triton kernels (the `triton` backend of `selective_scan`).
 
-Layout: one thread per channel, a tile of T positions per thread (one 16-byte load: 8 bf16/fp16 or 4
-fp32 values), states unrolled. The scan along the tile and the sum over states then run in registers:
-no shuffles, no shared memory.
+Layout: a channel per lane, a tile of T positions (8, or 16 for 16-bit inputs when training:
+`_tile`) held by one thread where its 16-byte loads cover it (8 bf16) and by two otherwise (Triton
+splits the positions when a thread's load is 4 float32 or 8 of 16 bf16), states unrolled. The scan
+along the tile and the sum over states then run in registers. Rows are padded with zeros to a multiple
+of 16 positions, so tiles load without masks. B and C are float32 and tile-major (`_tile_major`).
 
 Forward: the sequence is cut into segments so that batch 1 still fills the GPU; `agg_kernel`
 summarises the segments (ΣΔ and the state each leaves from a zero start), `chain_segments` turns the
 summaries into each segment's entering state, and `_fwd_kernel` walks its segment tile by tile:
-exponentials, the in-thread scan from the carried state, C·h, D skip, z gate. B and C are loaded once
-per tile for the whole block of channels; the next tile's u and Δ are loaded while this one is worked
+exponentials, the scan along the tile from the carried state, C·h, D skip, z gate. B and C are loaded
+once per tile for the whole block of channels; the next tile's u and Δ are loaded while this one is worked
 on (except where that measured slower: `_prefetch`). With SAVE it stores the state entering every
 tile ((batch, tiles, N, dim) float32) for the backward.
 
@@ -40,8 +42,6 @@ from mambascope.ssm.triton_common import (
     delta_act,
     delta_act_grad,
     interpreting,
-    lane_position,
-    lane_reduce_scatter,
     largest_pow2_divisor,
     launch,
     lin_combine,
@@ -55,11 +55,11 @@ from mambascope.ssm.triton_common import (
 
 @dataclasses.dataclass(frozen=True)
 class Scan1DConfig:
-    """Tile sizes. T: positions per tile (0: one 16-byte load per thread, 8 for 16-bit inputs, 4 for
-    float32; also the spacing of the states saved for the backward); BD: channels per forward
-    program (one a thread, warps = BD / 32); programs: programs wanted per pass (the sequence is cut
-    into segments until there are this many); BD_BWD, warps_bwd, programs_bwd: the same for the
-    backward."""
+    """Tile sizes. T: positions per tile, also the spacing of the states saved for the backward (0:
+    `_tile` picks); BD: channels per forward program (one a thread, warps = BD / 32); programs:
+    programs wanted per pass (the sequence is cut into segments until there are this many); BD_BWD,
+    warps_bwd, programs_bwd: the same for the backward; regs, regs_bwd: the register cap ptxas gets
+    for the forward and backward kernels (None: its own choice)."""
 
     T: int = 0
     BD: int = 32
@@ -68,20 +68,21 @@ class Scan1DConfig:
     BD_BWD: int = 32
     warps_bwd: int = 1
     programs_bwd: int = 2048
+    regs: int | None = None
+    regs_bwd: int | None = None
 
 
-def default_config(batch: int, dim: int, dtype: torch.dtype) -> Scan1DConfig:
+def default_config(batch: int, dim: int) -> Scan1DConfig:
     """Measured on an H100 (benchmarks/NOTES_scan.md): few channels (batch 1 WSI bags) run best as
-    one-warp programs over ~2048 long segments, except that float32 inputs (4-position tiles) run the
-    forward faster as 2-warp programs of 64 channels; many batches x channels as 4-warp programs over
-    more, shorter segments."""
+    one-warp programs over ~2048 long segments, many batches x channels as 4-warp programs over more,
+    shorter segments. The forward is bound by the latency of its loads, not by its instructions:
+    with a register cap of 255 (168 for 4-warp programs) ptxas keeps more of them in flight than on
+    its own (118 registers), 0.38 -> 0.32 ms on 1 x 1024 x 16384 bf16."""
     if interpreting():
         return Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1, programs_bwd=8)
     if batch * dim >= 16384:
-        return Scan1DConfig(BD=128, programs=8192, warps=4, programs_bwd=8192)
-    if dtype == torch.float32:
-        return Scan1DConfig(BD=64, warps=2)
-    return Scan1DConfig()
+        return Scan1DConfig(BD=128, programs=8192, warps=4, programs_bwd=8192, regs=168)
+    return Scan1DConfig(regs=255)
 
 
 @triton.jit(do_not_specialize=["one"])
@@ -114,7 +115,7 @@ def _fwd_kernel(
     first = (tr == 0)[:, None]
     lastr = (tr == T - 1)[:, None]
     zero_d = (offs_d * 0)[None, :]
-    bc_base = (pid_b * G + g) * N * LS
+    bc_base = (pid_b * G + g) * N * LS  # B and C are tile-major: (batch, G, LS / T, N, T)
     t_lo = pid_s * seg_len
     t_end = tl.minimum(t_lo + seg_len, L)
     n_t = tl.cdiv(t_end - t_lo, T)
@@ -139,24 +140,24 @@ def _fwd_kernel(
             raw_next = tl.load(dl_ptr + xoff + T, mask=next_in, other=0.0)
             u_next = tl.load(u_ptr + xoff + T, mask=next_in, other=0.0)
         else:
-            raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
+            raw = tl.load(dl_ptr + xoff).to(tl.float32)
+            u = tl.load(u_ptr + xoff).to(tl.float32)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
         dtu = dt * u
         y = tl.zeros((T, BD), dtype=tl.float32)
-        bc_off = bc_base + offs_t[:, None] + zero_d
+        bc_off = bc_base + t0 * N + tr[:, None] + zero_d  # + n * T: an offset the loads encode
         for n in tl.static_range(N):
             sel = nidx == n
             An = tl.sum(tl.where(sel, A2, 0.0), axis=0)[None, :]
             Hn = tl.sum(tl.where(sel, H, 0.0), axis=0)[None, :]
-            Bn = tl.load(B_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
-            Cn = tl.load(C_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+            Bn = tl.load(B_ptr + bc_off + n * T)
+            Cn = tl.load(C_ptr + bc_off + n * T)
             a = tl.exp2(dt * An)
             x = dtu * Bn + tl.where(first, a * Hn, 0.0)
             _, h = tl.associative_scan((a, x), axis=0, combine_fn=lin_combine)
             y += Cn * h
             H = tl.where(sel, tl.sum(tl.where(lastr, h, 0.0), axis=0)[None, :], H)
-        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, tm, HAS_D, HAS_Z)
+        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, None, HAS_D, HAS_Z)
     if WRITE_LAST:
         tl.store(last_ptr + state_off, H, mask=nmask & (pid_s == n_seg - 1))
 
@@ -169,7 +170,6 @@ def _bwd_kernel(
     DIM, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr,
 ):
     # One segment of tiles for BD channels, walked right to left, same layout as the forward. The
     # adjoint carry W (NP, BD) enters from the segment's right end (chained segment summaries) and
@@ -177,10 +177,9 @@ def _bwd_kernel(
     # saved. Per state n (a plain loop, to keep registers low): the forward scan, the adjoint scan
     # `g[t] = c[t] + a[t+1] g[t+1]`, then the gradients. dB and dC are summed over the BD channels
     # (a reduction across the warp's lanes) and written as this channel block's partial; dA, dD and
-    # dbias are summed over the segment in registers and written once. With LANE_SUMS (one warp of
-    # 32 channels, 8-position tiles, compiled) that reduction is a reduce-scatter: each lane ends
-    # with one position's sum and one lane per position stores it (9 shuffles per sum, not 40;
-    # measured 8% off forward+backward; no gain for float32's 4-position tiles).
+    # dbias are summed over the segment in registers and written once. (An inline-PTX reduce-scatter
+    # of dB and dC over the lanes served 8-position tiles; 16-position tiles without it were faster,
+    # NOTES_scan.md version 23.)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -194,10 +193,6 @@ def _bwd_kernel(
     zero_d = (offs_d * 0)[None, :]
     cidx = ((pid_b * n_seg + pid_s) * N + nidx) * DIM + offs_d[None, :] * one  # (batch, seg, N, DIM)
     part_base = ((pid_b * n_dblk + pid_d) * N) * LS  # this channel block's dB/dC partial planes
-    if LANE_SUMS:
-        lane = offs_d % 32
-        lane_t = lane_position(lane)[None, :] + tr[:, None] * 0  # (T, BD): the position a lane stores
-        lane_stores = first & (lane % 4 == 0)[None, :]  # one register of one lane in four
     W = tl.load(wc_ptr + cidx, mask=nmask, other=0.0)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((1, BD), dtype=tl.float32)
@@ -209,13 +204,13 @@ def _bwd_kernel(
         offs_t = t0 + tr
         tm = (offs_t < L)[:, None]
         xoff = seq[None, :] * LS + offs_t[:, None]
-        raw = tl.load(dl_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS), 0.0)
+        raw = tl.load(dl_ptr + xoff).to(tl.float32)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
         dt_next = shift_next(dt, 0)
-        u = tl.load(u_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + xoff).to(tl.float32)
+        dout = tl.load(dout_ptr + xoff).to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + xoff, mask=tm, other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + xoff).to(tl.float32)
             sz = tl.sigmoid(zz)
             dy = dout * zz * sz
         else:
@@ -225,20 +220,16 @@ def _bwd_kernel(
         y = tl.zeros((T, BD), dtype=tl.float32)
         gB = tl.zeros((T, BD), dtype=tl.float32)
         qA = tl.zeros((T, BD), dtype=tl.float32)
-        bc_off = (pid_b * G + g) * N * LS + offs_t[:, None] + zero_d
-        if LANE_SUMS:
-            sum_off = part_base + t0 + lane_t
-            sum_mask = lane_stores & (t0 + lane_t < L)
-        else:
-            p_off = part_base + offs_t
+        bc_off = (pid_b * G + g) * N * LS + t0 * N + tr[:, None] + zero_d  # tile-major B, C
+        p_off = part_base + offs_t
         for n in range(N):
             sel = nidx == n
             An = tl.load(At_ptr + n * DIM + offs_d)[None, :]
             A2n = An * 1.4426950408889634
             Hn = tl.load(hs_ptr + sidx + n * DIM)
             Wn = tl.sum(tl.where(sel, W, 0.0), axis=0)[None, :]
-            Bn = tl.load(B_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
-            Cn = tl.load(C_ptr + bc_off + n * LS, mask=tm, other=0.0).to(tl.float32)
+            Bn = tl.load(B_ptr + bc_off + n * T)
+            Cn = tl.load(C_ptr + bc_off + n * T)
             a = tl.exp2(dt * A2n)
             x = dtu * Bn
             _, h = tl.associative_scan((a, x + tl.where(first, a * Hn, 0.0)), axis=0, combine_fn=lin_combine)
@@ -251,23 +242,19 @@ def _bwd_kernel(
             gB += gg * Bn
             qA += q * An
             dA_acc = tl.where(sel, dA_acc + tl.sum(q * dt, axis=0)[None, :], dA_acc)
-            if LANE_SUMS:
-                tl.store(dBp_ptr + sum_off + n * LS, lane_reduce_scatter(gg * dtu), mask=sum_mask)
-                tl.store(dCp_ptr + sum_off + n * LS, lane_reduce_scatter(dy * h), mask=sum_mask)
-            else:
-                tl.store(dBp_ptr + p_off + n * LS, tl.sum(gg * dtu, axis=1), mask=offs_t < L)
-                tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
+            tl.store(dBp_ptr + p_off + n * LS, tl.sum(gg * dtu, axis=1), mask=offs_t < L)
+            tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
             y += Dv * u
             dD_acc += tl.sum(dy * u, axis=0)[None, :]
         if HAS_Z:
-            tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=tm)
+            tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)))
         ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
         db_acc += tl.sum(ddt, axis=0)[None, :]
-        tl.store(du_ptr + xoff, du, mask=tm)
-        tl.store(ddl_ptr + xoff, ddt, mask=tm)
+        tl.store(du_ptr + xoff, du)
+        tl.store(ddl_ptr + xoff, ddt)
     tl.store(dAp_ptr + cidx, dA_acc, mask=nmask)
     pidx = (pid_b * n_seg + pid_s) * DIM + offs_d
     if HAS_D:
@@ -285,6 +272,19 @@ def _padded(t: Tensor | None, LS: int) -> Tensor | None:
     return t if t.shape[-1] == LS else torch.nn.functional.pad(t, (0, LS - t.shape[-1]))
 
 
+def _tile_major(t: Tensor, LS: int, T: int) -> Tensor:
+    """B or C (batch, G, N, L) as the kernels read them: float32, zero-padded to LS positions and
+    tile-major, (batch, G, LS / T, N, T). One tile's values for all states are then one contiguous
+    block, and a state's place in it is a constant offset that the loads encode, where (N, L) planes
+    needed an address computed per state and load; and 16-bit values are converted once here, not by
+    every thread of every tile (together 17% of the forward's instructions, NOTES_scan.md)."""
+    batch, G, N, L = t.shape
+    out = torch.empty(batch, G, LS // T, N, T, device=t.device, dtype=torch.float32)
+    src = torch.nn.functional.pad(t, (0, LS - L)) if LS != L else t
+    out.permute(0, 1, 3, 2, 4).copy_(src.reshape(batch, G, N, LS // T, T))
+    return out
+
+
 def _segments(batch: int, n_dblk: int, n_tiles: int, T: int, programs: int) -> tuple[int, int]:
     """(segments per sequence, positions per segment): cut each sequence into whole tiles until
     there are about `programs` programs. Segments are a multiple of 16 positions long: Triton then
@@ -296,8 +296,13 @@ def _segments(batch: int, n_dblk: int, n_tiles: int, T: int, programs: int) -> t
     return triton.cdiv(n_tiles, seg_tiles), seg_tiles * T
 
 
-def _tile(u: Tensor, cfg: Scan1DConfig) -> int:
-    return cfg.T or max(1, 16 // u.element_size())
+def _tile(u: Tensor, cfg: Scan1DConfig, save: bool) -> int:
+    """cfg.T, or 16 positions for 16-bit inputs whose states are saved for the backward and 8
+    otherwise. Measured on an H100 (NOTES_scan.md, version 23): longer tiles halve the per-state
+    work done once a tile and the saved states; the backward gained (1 x 1024 x 16384 bf16
+    forward+backward 1.74 -> 1.56 ms; float32 2.83 -> 1.93 ms at 8 positions against 4), while a
+    16-position forward alone was slower on 8 x 1024 x 4096 (0.58 -> 0.62 ms)."""
+    return cfg.T or (16 if save and u.element_size() == 2 else 8)
 
 
 def _prefetch(u: Tensor, save: bool) -> bool:
@@ -307,12 +312,11 @@ def _prefetch(u: Tensor, save: bool) -> bool:
     return not save or u.element_size() == 4
 
 
-def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L, cfg):
+def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L, T, cfg):
     batch, dim, LS = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     BD = largest_pow2_divisor(dpg, cfg.BD)
-    T = _tile(u, cfg)
     n_tiles = triton.cdiv(L, T)
     n_dblk = dim // BD
     n_seg, seg_len = _segments(batch, n_dblk, n_tiles, T, cfg.programs)
@@ -342,16 +346,15 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
         dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, 1,
         N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, HAS_CARRY=n_seg > 1, SAVE=save,
         WRITE_LAST=want_last, **flags, PREFETCH=_prefetch(u, save),
-        num_warps=cfg.warps,
+        num_warps=cfg.warps, maxnreg=cfg.regs,
     )
     return out, (last if want_last else None), (hs if save else None)
 
 
-def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, L, cfg):
+def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, L, T, cfg):
     batch, dim, LS = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
-    T = _tile(u, cfg)
     n_tiles = triton.cdiv(L, T)
     NP = pow2(N)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -389,8 +392,7 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
         dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, 1,
         N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, **flags,
-        LANE_SUMS=BD == 32 and cfg.warps_bwd == 1 and T == 8 and not interpreting(),
-        num_warps=cfg.warps_bwd,
+        num_warps=cfg.warps_bwd, maxnreg=cfg.regs_bwd,
     )
     per_group = n_dblk // G
     dB = dBp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
@@ -409,17 +411,18 @@ class _SelectiveScan(torch.autograd.Function):
         L = u.shape[-1]
         LS = triton.cdiv(L, 16) * 16
         uc, dc, zc = _padded(u, LS), _padded(delta, LS), _padded(z, LS)
-        Bg = _padded(B.unsqueeze(1) if B.dim() == u.dim() else B, LS)
-        Cg = _padded(C.unsqueeze(1) if C.dim() == u.dim() else C, LS)
+        cfg = cfg or default_config(u.shape[0], u.shape[1])
+        save = any(ctx.needs_input_grad[:8])
+        T = _tile(u, cfg, save)
+        Bg = _tile_major(B.unsqueeze(1) if B.dim() == u.dim() else B, LS, T)
+        Cg = _tile_major(C.unsqueeze(1) if C.dim() == u.dim() else C, LS, T)
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
-        cfg = cfg or default_config(u.shape[0], u.shape[1], u.dtype)
-        save = any(ctx.needs_input_grad[:8])
-        out, last, hs = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, save, return_last_state, L, cfg)
+        out, last, hs = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, save, return_last_state, L, T, cfg)
         if save:
             ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, hs)
-            ctx.meta = (delta_softplus, cfg, L, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
-                                                                           for t in (A, B, C, D, delta_bias)))
+            ctx.meta = (delta_softplus, cfg, L, T, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
+                                                                              for t in (A, B, C, D, delta_bias)))
         out = out[..., :L]
         if return_last_state:
             return out, last
@@ -428,10 +431,10 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *rest):
         uc, dc, A32, Bg, Cg, D32, zc, b32, hs = ctx.saved_tensors
-        softplus, cfg, L, was_grouped, dtypes = ctx.meta
+        softplus, cfg, L, T, was_grouped, dtypes = ctx.meta
         dlast = rest[0] if rest else None
         du, ddl, dA, dB, dC, dD, dz, db = _backward(
-            _padded(dout, uc.shape[-1]), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, cfg,
+            _padded(dout, uc.shape[-1]), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, T, cfg,
         )
         dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dB, dC, dD, db)
         return du, ddl, dA, dB, dC, dD, dz, db, None, None, None
