@@ -193,6 +193,7 @@ def _bwd_kernel(
     zero_d = (offs_d * 0)[None, :]
     cidx = ((pid_b * n_seg + pid_s) * N + nidx) * DIM + offs_d[None, :] * one  # (batch, seg, N, DIM)
     part_base = ((pid_b * n_dblk + pid_d) * N) * LS  # this channel block's dB/dC partial planes
+    bc_base = (pid_b * G + g) * N * LS  # B and C are tile-major, as in the forward
     W = tl.load(wc_ptr + cidx, mask=nmask, other=0.0)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((1, BD), dtype=tl.float32)
@@ -220,7 +221,7 @@ def _bwd_kernel(
         y = tl.zeros((T, BD), dtype=tl.float32)
         gB = tl.zeros((T, BD), dtype=tl.float32)
         qA = tl.zeros((T, BD), dtype=tl.float32)
-        bc_off = (pid_b * G + g) * N * LS + t0 * N + tr[:, None] + zero_d  # tile-major B, C
+        bc_off = bc_base + t0 * N + tr[:, None] + zero_d
         p_off = part_base + offs_t
         for n in range(N):
             sel = nidx == n
