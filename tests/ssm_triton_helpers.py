@@ -16,7 +16,7 @@ import torch
 
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16", "1d_bf16_tile16",
-    "1d_dispatch", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare",
+    "1d_dispatch", "1d_reverse_all_options", "1d_reverse_bf16_tile16", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare",
     "dwconv_3x3", "dwconv_5x5_bf16",
 )
 
@@ -133,6 +133,16 @@ def run_case(name: str) -> dict:
         cfg16 = Scan1DConfig(T=16, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
         return compare(lambda **k: selective_scan_triton(**k, delta_softplus=True, config=cfg16),
                        lambda **k: selective_scan_reference(**k, delta_softplus=True), x)
+    if name == "1d_reverse_all_options":  # walked from the end: padded on the left, several segments
+        x = scan_inputs(gen, 2, 4, (19,), 3, 2, True)
+        return compare(lambda **k: tri1(**k, delta_softplus=True, return_last_state=True, reverse=True),
+                       lambda **k: selective_scan(**k, delta_softplus=True, return_last_state=True, reverse=True,
+                                                  backend="reference"), x)
+    if name == "1d_reverse_bf16_tile16":  # 16-position tiles: two runs of 8 reversed a tile
+        x = scan_inputs(gen, 1, 4, (45,), 4, 1, False, dtype=torch.bfloat16)
+        cfg16 = Scan1DConfig(T=16, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
+        return compare(lambda **k: selective_scan_triton(**k, delta_softplus=True, reverse=True, config=cfg16),
+                       lambda **k: selective_scan(**k, delta_softplus=True, reverse=True, backend="reference"), x)
     if name == "1d_dispatch":
         x = scan_inputs(gen, 1, 4, (11,), 2, 1, False)
         return compare(lambda **k: selective_scan(**k, delta_softplus=True, backend="triton"),

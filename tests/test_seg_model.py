@@ -10,6 +10,7 @@ import torch
 from mambascope.data.brats import brats_transforms, find_cases
 from mambascope.models import create_model
 from mambascope.models.seg.encoder import TriOrientedMamba
+from mambascope.ssm import Mamba, tri_orientation_orders
 from seg_helpers import write_dataset
 
 #: the smallest SegMamba that still has every part (4 stages, GSC, ToM, UNETR decoder)
@@ -73,6 +74,23 @@ def test_tri_orientation_reaches_every_voxel():
     assert seen[2].all()  # the reverse scan still covers the rest of slice 2
     assert seen[0, 0, 0] and seen[1, 0, 0]  # the inter-slice scan reaches the same (h, w) in earlier slices
     assert seen.sum() == 4 * 5 + 2  # and nothing else
+
+
+def test_tri_orientation_is_the_three_orders_as_token_permutations():
+    """The layer walks in place (reverse scan, transposed tokens); that must be causal mixers run on the
+    tokens gathered in each order of `tri_orientation_orders` and scattered back."""
+    torch.manual_seed(0)
+    layer = TriOrientedMamba(channels=4, d_state=4, expand=1).eval()
+    causal = [Mamba(4, d_state=4, expand=1).eval() for _ in range(3)]
+    for mixer, twin in zip(layer.mixers, causal, strict=True):
+        twin.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 4, 3, 4, 5)
+    tokens = x.flatten(2).transpose(1, 2)
+    normed = layer.norm(tokens)
+    mixed = sum(twin(normed[:, perm])[:, inverse]
+                for twin, (perm, inverse) in zip(causal, tri_orientation_orders(3, 4, 5), strict=True))
+    want = (tokens + mixed / 3).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(layer(x), want)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

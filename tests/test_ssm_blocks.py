@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambascope.sample_data import sample_path
-from mambascope.ssm import SS2D, Mamba, Mamba2D, VSSBlock
+from mambascope.ssm import SS2D, Mamba, Mamba2D, VSSBlock, cross_merge, cross_scan, selective_scan
 
 
 @pytest.fixture(autouse=True)
@@ -53,14 +53,31 @@ def test_mamba_is_causal_and_bidirectional_is_not():
 
 
 def test_bidirectional_sums_forward_scan_and_flipped_reverse_scan():
+    """The reverse path walks from the end in place (a look-ahead conv, `reverse=True` scan); it must be
+    the causal path run on the flipped sequence and flipped back, as Vim defines it."""
     block = Mamba(8, bidirectional=True).eval()
     x = torch.randn(1, 12, 8)
     xs, z = block.in_proj(x).transpose(1, 2).chunk(2, dim=1)
-    forward = block._scan_path(xs, z, block.conv1d, block.x_proj, block.dt_proj, block.A_log, block.D)
-    backward = block._scan_path(xs.flip(-1), z.flip(-1), block.conv1d_b, block.x_proj_b, block.dt_proj_b,
-                                block.A_b_log, block.D_b)
-    torch.testing.assert_close(block(x), block.out_proj((forward + backward.flip(-1)).transpose(1, 2)))
-    assert not torch.allclose(backward.flip(-1), forward)
+    forward = block._scan_path(xs, z, block.conv1d, block.x_proj, block.dt_proj, block.A_log, block.D, False)
+    flipped = block._scan_path(xs.flip(-1), z.flip(-1), block.conv1d_b, block.x_proj_b, block.dt_proj_b,
+                               block.A_b_log, block.D_b, False).flip(-1)
+    in_place = block._scan_path(xs, z, block.conv1d_b, block.x_proj_b, block.dt_proj_b, block.A_b_log, block.D_b,
+                                True)
+    torch.testing.assert_close(in_place, flipped)
+    torch.testing.assert_close(block(x), block.out_proj((forward + flipped).transpose(1, 2)))
+    assert not torch.allclose(flipped, forward)
+
+
+def test_reverse_mamba_is_the_flipped_causal_mamba():
+    causal = Mamba(16).eval()
+    reverse = Mamba(16, reverse=True).eval()
+    reverse.load_state_dict(causal.state_dict())
+    x = torch.randn(2, 30, 16)
+    torch.testing.assert_close(reverse(x), causal(x.flip(1)).flip(1))
+    earlier = x.clone()
+    earlier[:, :10] += torch.randn(2, 10, 16)
+    torch.testing.assert_close(reverse(earlier)[:, 10:], reverse(x)[:, 10:])  # looks only ahead
+    assert not torch.allclose(reverse(earlier)[:, :10], reverse(x)[:, :10])
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -82,6 +99,23 @@ def test_ss2d_shapes_backends_and_grouped_directions():
     out = with_backend(block, "torch")(x)
     assert out.shape == (2, 5, 7, 12)
     torch.testing.assert_close(out, with_backend(block, "reference")(x), rtol=1e-4, atol=1e-5)
+
+
+def test_ss2d_scan_is_the_four_walks_of_cross_scan_merged():
+    """The block scans rows and columns from both ends in place; on a non-square grid that must equal
+    the four copies `cross_scan` makes, scanned as one grouped scan and summed back by `cross_merge`."""
+    block = SS2D(6, d_state=4)
+    batch, d, H, W = 2, block.d_inner, 5, 7
+    x = torch.randn(batch, d, H, W)
+    xs = cross_scan(x)
+    proj = torch.einsum("bkdl,kcd->bkcl", xs, block.x_proj_weight)
+    dts, Bs, Cs = proj.split([block.dt_rank, block.d_state, block.d_state], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, block.dt_projs_weight)
+    y = selective_scan(xs.reshape(batch, 4 * d, H * W), dts.reshape(batch, 4 * d, H * W),
+                       -torch.exp(block.A_logs), Bs, Cs, block.Ds, delta_bias=block.dt_projs_bias.reshape(-1),
+                       delta_softplus=True, backend="reference")
+    want = cross_merge(y.view(batch, 4, d, H * W), H, W)
+    torch.testing.assert_close(with_backend(block, "torch").scan(x), want.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_ss2d_sees_the_whole_image():

@@ -64,6 +64,31 @@ def test_backend_matches_reference(backend, batch, dim, L, N, groups, extras, so
     assert relative_error(state.cpu(), ref_state) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reverse_is_the_forward_scan_of_flipped_sequences(backend, dtype):
+    """`reverse=True` (in the Triton kernels: reversed loads and stores, rows padded on the left) against
+    the float64 reference run on flipped copies: output, last state and every gradient."""
+    device = backend_device(backend)
+    args = scan_args(2, 8, (45,), 4, groups=2, D=True, z=True, delta_bias=True, seed=3)
+    args = {k: v.to(device=device, dtype=dtype if k in ("u", "delta", "B", "C", "z") else v.dtype)
+            for k, v in args.items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+    out, state = selective_scan(**leaves, delta_softplus=True, return_last_state=True, reverse=True, backend=backend)
+    wide = {k: v.detach().cpu().double().requires_grad_(True) for k, v in args.items()}
+    flipped = {k: (v.flip(-1) if k in ("u", "delta", "B", "C", "z") else v) for k, v in wide.items()}
+    ref, ref_state = selective_scan_reference(**flipped, delta_softplus=True, return_last_state=True)
+    ref = ref.flip(-1)
+    tol = TOLERANCE[dtype]
+    assert relative_error(out.detach().cpu(), ref.detach()) < tol
+    assert relative_error(state.detach().cpu(), ref_state.detach()) < tol
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (out.double().cpu() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for name, leaf in leaves.items():
+        assert relative_error(leaf.grad.cpu(), wide[name].grad) < 5 * tol, name
+
+
 def test_torch_backend_float64_is_exact_to_rounding(small_blocks):
     args = as_float64(scan_args(2, 6, (101,), 8, groups=3, seed=3))
     ref = selective_scan_reference(**args, delta_softplus=True)
@@ -111,6 +136,21 @@ def test_known_values_single_channel():
     for backend in ("reference", "torch"):
         out = selective_scan(u, delta, A, B, B.clone(), backend=backend)
         torch.testing.assert_close(out[0, 0], expected)
+
+
+def test_reverse_walks_from_the_last_position_known_values():
+    """Walked from the end with B = C = 1, Δ = ln 2, u = (1, 0, 2): h_2 = 2 ln2, h_1 = h_2 / 2 = ln2,
+    h_0 = h_1 / 2 + ln2 = 1.5 ln2; the last state is the one after position 0; each sequence walks alone."""
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    u = torch.tensor([[[1.0, 0.0, 2.0]], [[0.0, 0.0, 1.0]]], dtype=torch.float64)
+    delta = torch.full_like(u, float(ln2))
+    A = -torch.ones(1, 1, dtype=torch.float64)
+    B = torch.ones(2, 1, 3, dtype=torch.float64)
+    expected = ln2 * torch.tensor([[1.5, 1.0, 2.0], [0.25, 0.5, 1.0]], dtype=torch.float64)
+    for backend in ("reference", "torch"):
+        out, last = selective_scan(u, delta, A, B, B.clone(), return_last_state=True, reverse=True, backend=backend)
+        torch.testing.assert_close(out[:, 0], expected)
+        torch.testing.assert_close(last[:, 0, 0], expected[:, 0])
 
 
 def test_auto_picks_torch_on_cpu():

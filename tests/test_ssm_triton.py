@@ -43,6 +43,7 @@ def _errors(result: dict) -> dict:
         ("1d_length_one", {"out0", "out1", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("1d_bare", {"out0", "du", "ddelta", "dA", "dB", "dC"}),
         ("1d_dispatch", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
+        ("1d_reverse_all_options", {"out0", "out1", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_mask_nonsquare", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_grouped", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_single_cell", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
@@ -59,7 +60,7 @@ def test_float32_matches_reference_forward_and_backward(interpreted, case, expec
     assert result["dtypes_ok"], "gradients must come back in each input's dtype"
 
 
-@pytest.mark.parametrize("case", ["1d_bf16", "1d_fp16", "1d_bf16_tile16"])
+@pytest.mark.parametrize("case", ["1d_bf16", "1d_fp16", "1d_bf16_tile16", "1d_reverse_bf16_tile16"])
 def test_half_precision_inputs_accumulate_in_float32(interpreted, case):
     result = interpreted[case]
     errors = _errors(result)

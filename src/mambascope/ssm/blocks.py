@@ -16,7 +16,6 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from mambascope.ssm.dispatch import depthwise_conv_silu, selective_scan, selective_scan_2d
-from mambascope.ssm.orders import cross_merge, cross_scan
 
 
 def resolve_dt_rank(d_model: int, dt_rank: int | str) -> int:
@@ -61,7 +60,8 @@ class Mamba(nn.Module):
     in_proj to (x, z), causal depthwise conv + SiLU on x, x_proj to (Δ, B, C), dt_proj, selective scan
     gated by z, out_proj. Parameter names follow mamba-ssm (in_proj, conv1d, x_proj, dt_proj, A_log, D,
     out_proj); `bidirectional=True` adds a reverse-direction copy of the scan path (conv1d_b, x_proj_b,
-    dt_proj_b, A_b_log, D_b, as in Vim) and sums both directions before out_proj.
+    dt_proj_b, A_b_log, D_b, as in Vim) and sums both directions before out_proj. `reverse=True` walks
+    the sequence from its end (the same as flipping the tokens in and out, without the copies).
     """
 
     def __init__(
@@ -75,12 +75,14 @@ class Mamba(nn.Module):
         backend: str = "auto",
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
+        reverse: bool = False,
     ):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = int(expand * d_model)
         self.dt_rank = resolve_dt_rank(d_model, dt_rank)
         self.bidirectional = bidirectional
+        self.reverse = reverse
         self.backend = backend
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d, self.x_proj, self.dt_proj = self._path_layers(dt_min, dt_max)
@@ -96,33 +98,38 @@ class Mamba(nn.Module):
         return conv, x_proj, dt_projection(self.dt_rank, self.d_inner, dt_min, dt_max)
 
     def _scan_path(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                   A_log: Tensor, D: Tensor) -> Tensor:
-        """One direction: (B, d_inner, L) x and gate z -> gated scan output (B, d_inner, L)."""
+                   A_log: Tensor, D: Tensor, reverse: bool) -> Tensor:
+        """One direction: (B, d_inner, L) x and gate z -> gated scan output (B, d_inner, L), walking
+        from the end when `reverse` (the conv then looks ahead instead of back: the same function as
+        flipping x in and the output back, without the copies)."""
         L = x.shape[-1]
-        x = F.silu(conv(x)[..., :L])  # causal: drop the right padding
+        if reverse:
+            x = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=self.d_conv - 1, groups=self.d_inner)[..., -L:]
+        else:
+            x = conv(x)[..., :L]  # causal: drop the right padding
+        x = F.silu(x)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
         return selective_scan(
             x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse, backend=self.backend,
         )
 
     def forward(self, hidden: Tensor) -> Tensor:
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        y = self._scan_path(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y = self._scan_path(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.reverse)
         if self.bidirectional:
-            y_rev = self._scan_path(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                                    self.A_b_log, self.D_b)
-            y = y + y_rev.flip(-1)
+            y = y + self._scan_path(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                                    not self.reverse)
         return self.out_proj(y.transpose(1, 2))
 
 
 class SS2D(nn.Module):
     """VMamba's 2D selective scan: (B, H, W, d_model) -> (B, H, W, d_model).
 
-    in_proj to (x, z), depthwise conv + SiLU on x, four scans (row-major, column-major, both reversed;
-    `cross_scan`) with their own Δ/B/C projections, run as one grouped selective scan, merged back
-    (`cross_merge`), then LayerNorm, z gate and out_proj. A custom `out_proj` module replaces the
+    in_proj to (x, z), depthwise conv + SiLU on x, four scans (row-major, column-major, both reversed:
+    the walks of `cross_scan`, directions k = 0..3) with their own Δ/B/C projections, summed back in
+    place (`cross_merge`), then LayerNorm, z gate and out_proj. A custom `out_proj` module replaces the
     LayerNorm + Linear: it receives the gated merged scan output (B, H, W, d_inner) and must return
     (B, H, W, d_model).
     """
@@ -161,19 +168,32 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False) if out_proj is None else out_proj
 
     def scan(self, x: Tensor) -> Tensor:
-        """The four-way scan of conv features (B, d_inner, H, W) -> merged (B, d_inner, H*W)."""
+        """The four-way scan of conv features (B, d_inner, H, W) -> merged (B, d_inner, H*W).
+
+        The rows and the columns (one transposed copy) are stacked once; directions 0 and 1 scan them
+        from the start and directions 2 and 3 from the end (`reverse`: in the kernels' loads), so the
+        reversed copies `cross_scan` makes, and `cross_merge`'s flips, are never made. Δ, B and C are
+        position-wise projections, so each is computed in the stack's order too.
+        """
         batch, d, H, W = x.shape
-        K, L = self.directions, H * W
-        xs = cross_scan(x)  # (B, K, d, L)
-        proj = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        y = selective_scan(
-            xs.reshape(batch, K * d, L), dts.reshape(batch, K * d, L), -torch.exp(self.A_logs.float()),
-            Bs.contiguous(), Cs.contiguous(), self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True, backend=self.backend,
-        )
-        return cross_merge(y.view(batch, K, d, L), H, W)
+        L = H * W
+        both = torch.cat([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1).view(batch, 2, d, L)
+        A = -torch.exp(self.A_logs.float())
+        y = None
+        for reverse in (False, True):
+            k = slice(2 * reverse, 2 * reverse + 2)  # the two directions of this walk: rows, columns
+            proj = torch.matmul(self.x_proj_weight[k], both)  # (B, 2, rank + 2N, L)
+            dts, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
+            dts = torch.matmul(self.dt_projs_weight[k], dts)  # (B, 2, d, L)
+            part = selective_scan(
+                both.view(batch, 2 * d, L), dts.reshape(batch, 2 * d, L), A[2 * d * reverse: 2 * d * (reverse + 1)],
+                Bs, Cs, self.Ds[k.start * d: k.stop * d].float(),
+                delta_bias=self.dt_projs_bias[k].reshape(-1).float(), delta_softplus=True, reverse=reverse,
+                backend=self.backend,
+            )
+            y = part if y is None else y + part
+        y = y.view(batch, 2, d, L)
+        return y[:, 0] + y[:, 1].view(batch, d, W, H).transpose(2, 3).reshape(batch, d, L)
 
     def forward(self, hidden: Tensor) -> Tensor:
         batch, H, W, _ = hidden.shape

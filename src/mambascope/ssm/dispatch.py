@@ -82,6 +82,7 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan over sequences with mamba-ssm `selective_scan_fn` semantics.
@@ -90,22 +91,34 @@ def selective_scan(
     (channel c uses group c // (dim / G)); D, delta_bias: (dim,). Δ = softplus(delta + delta_bias)
     when `delta_softplus`; `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t`, `y_t = C_t h_t`,
     `out = (y + D u) * silu(z)` in u's dtype (float32 accumulation for half inputs).
-    Returns out, or (out, last state (batch, dim, N)) with `return_last_state`.
+    `reverse` walks each sequence from its last position to its first (`h_t` then follows `h_{t+1}`),
+    the same as flipping every input and the output along L; the Triton kernels do it in their loads
+    and stores, the other backends on flipped copies.
+    Returns out, or (out, last state (batch, dim, N)) with `return_last_state` (the state after the
+    walk's last step: position 0 when `reverse`).
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u, two_d=False)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if name == "reference":
-        return selective_scan_reference(*args)
-    if name == "torch":
-        return selective_scan_torch(*args)
     if name == "triton":
         from mambascope.ssm.triton_scan import selective_scan_triton
 
-        return selective_scan_triton(*args)
-    from mambascope.ssm.mamba_ssm_scan import selective_scan_mamba_ssm
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
+    if reverse:
+        u, delta, B, C, z = (t.flip(-1) if t is not None else None for t in (u, delta, B, C, z))
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "reference":
+        result = selective_scan_reference(*args)
+    elif name == "torch":
+        result = selective_scan_torch(*args)
+    else:
+        from mambascope.ssm.mamba_ssm_scan import selective_scan_mamba_ssm
 
-    return selective_scan_mamba_ssm(*args)
+        result = selective_scan_mamba_ssm(*args)
+    if not reverse:
+        return result
+    if return_last_state:
+        return result[0].flip(-1), result[1]
+    return result.flip(-1)
 
 
 def selective_scan_2d(

@@ -5,6 +5,9 @@ Layout: a channel per lane, a tile of T positions (8, or 16 for 16-bit inputs wh
 splits the positions when a thread's load is 4 float32 or 8 of 16 bf16), states unrolled. The scan
 along the tile and the sum over states then run in registers. Rows are padded with zeros to a multiple
 of 16 positions, so tiles load without masks. B and C are float32 and tile-major (`_tile_major`).
+`reverse` walks each row from its end: rows are padded on the left, each tile reads its memory
+ascending in 16-byte runs and reverses them in registers (`tile_positions`, `walk_order`), B and C
+are reversed by their tile-major conversion and dB, dC flipped back on the host.
 
 Forward: the sequence is cut into segments so that batch 1 still fills the GPU; `agg_kernel`
 summarises the segments (ΣΔ and the state each leaves from a zero start), `chain_segments` turns the
@@ -41,6 +44,7 @@ from mambascope.ssm.triton_common import (
     check_device,
     delta_act,
     delta_act_grad,
+    flip_run,
     interpreting,
     largest_pow2_divisor,
     launch,
@@ -50,6 +54,8 @@ from mambascope.ssm.triton_common import (
     reverse_lin_scan,
     shift_next,
     store_gated,
+    tile_positions,
+    walk_order,
 )
 
 
@@ -93,12 +99,14 @@ def _fwd_kernel(
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_CARRY: tl.constexpr, SAVE: tl.constexpr, WRITE_LAST: tl.constexpr, PREFETCH: tl.constexpr,
+    FLIP: tl.constexpr,
 ):
     # Tiles are (T, BD): each thread owns whole channels and the T positions of a tile (one 16-byte
     # load), so the scan along T runs inside the thread and the sum over states is a register sum.
     # States are unrolled (static loop over n); the per-channel state vector is an (NP, BD) tensor
     # whose NP values also live in the owning thread. `one` (== 1, never specialised) hides the
-    # contiguity of n from the compiler so those small loads keep that layout.
+    # contiguity of n from the compiler so those small loads keep that layout. Positions are walk
+    # positions; with FLIP the walk runs from each row's end (`tile_positions`, `walk_order`).
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -120,28 +128,29 @@ def _fwd_kernel(
     t_end = tl.minimum(t_lo + seg_len, L)
     n_t = tl.cdiv(t_end - t_lo, T)
     # PREFETCH: Δ and u of the next tile are loaded before this tile's states are worked out, so
-    # their latency hides behind that work (`tl.range` with `num_stages` made the loop 10x slower)
+    # their latency hides behind that work (`tl.range` with `num_stages` made the loop 10x slower).
+    # A tile that starts before the segment's end lies inside the padded row, so one flag a tile
+    # masks the loads (a mask per position kept reversed walks' loads from being vector loads).
     if PREFETCH:
-        next_in = ((t_lo + tr) < t_end)[:, None]
-        first_off = seq[None, :] * LS + (t_lo + tr)[:, None]
-        raw_next = tl.load(dl_ptr + first_off, mask=next_in, other=0.0)
-        u_next = tl.load(u_ptr + first_off, mask=next_in, other=0.0)
+        mem = tile_positions(t_lo, T, LS, FLIP)
+        raw_next = tl.load(dl_ptr + seq[None, :] * LS + mem, mask=t_lo < t_end, other=0.0)
+        u_next = tl.load(u_ptr + seq[None, :] * LS + mem, mask=t_lo < t_end, other=0.0)
     for k in range(n_t):
         t0 = t_lo + k * T
         offs_t = t0 + tr
         tm = (offs_t < L)[:, None]
         if SAVE:
             tl.store(hs_ptr + ((pid_b * n_tiles + t0 // T) * N + nidx) * DIM + offs_d[None, :] * one, H, mask=nmask)
-        xoff = seq[None, :] * LS + offs_t[:, None]
+        xoff = seq[None, :] * LS + tile_positions(t0, T, LS, FLIP)
         if PREFETCH:
-            raw = raw_next.to(tl.float32)
-            u = u_next.to(tl.float32)
-            next_in = (offs_t + T < t_end)[:, None]
-            raw_next = tl.load(dl_ptr + xoff + T, mask=next_in, other=0.0)
-            u_next = tl.load(u_ptr + xoff + T, mask=next_in, other=0.0)
+            raw = walk_order(raw_next.to(tl.float32), FLIP)
+            u = walk_order(u_next.to(tl.float32), FLIP)
+            mem = tile_positions(t0 + T, T, LS, FLIP)
+            raw_next = tl.load(dl_ptr + seq[None, :] * LS + mem, mask=t0 + T < t_end, other=0.0)
+            u_next = tl.load(u_ptr + seq[None, :] * LS + mem, mask=t0 + T < t_end, other=0.0)
         else:
-            raw = tl.load(dl_ptr + xoff).to(tl.float32)
-            u = tl.load(u_ptr + xoff).to(tl.float32)
+            raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
+            u = walk_order(tl.load(u_ptr + xoff).to(tl.float32), FLIP)
         dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
         dtu = dt * u
         y = tl.zeros((T, BD), dtype=tl.float32)
@@ -157,7 +166,7 @@ def _fwd_kernel(
             _, h = tl.associative_scan((a, x), axis=0, combine_fn=lin_combine)
             y += Cn * h
             H = tl.where(sel, tl.sum(tl.where(lastr, h, 0.0), axis=0)[None, :], H)
-        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, None, HAS_D, HAS_Z)
+        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, None, HAS_D, HAS_Z, FLIP)
     if WRITE_LAST:
         tl.store(last_ptr + state_off, H, mask=nmask & (pid_s == n_seg - 1))
 
@@ -170,6 +179,7 @@ def _bwd_kernel(
     DIM, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    FLIP: tl.constexpr,
 ):
     # One segment of tiles for BD channels, walked right to left, same layout as the forward. The
     # adjoint carry W (NP, BD) enters from the segment's right end (chained segment summaries) and
@@ -204,14 +214,14 @@ def _bwd_kernel(
         t0 = t_lo + (n_t - 1 - k) * T
         offs_t = t0 + tr
         tm = (offs_t < L)[:, None]
-        xoff = seq[None, :] * LS + offs_t[:, None]
-        raw = tl.load(dl_ptr + xoff).to(tl.float32)
+        xoff = seq[None, :] * LS + tile_positions(t0, T, LS, FLIP)
+        raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
         dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
         dt_next = shift_next(dt, 0)
-        u = tl.load(u_ptr + xoff).to(tl.float32)
-        dout = tl.load(dout_ptr + xoff).to(tl.float32)
+        u = walk_order(tl.load(u_ptr + xoff).to(tl.float32), FLIP)
+        dout = walk_order(tl.load(dout_ptr + xoff).to(tl.float32), FLIP)
         if HAS_Z:
-            zz = tl.load(z_ptr + xoff).to(tl.float32)
+            zz = walk_order(tl.load(z_ptr + xoff).to(tl.float32), FLIP)
             sz = tl.sigmoid(zz)
             dy = dout * zz * sz
         else:
@@ -251,11 +261,11 @@ def _bwd_kernel(
             y += Dv * u
             dD_acc += tl.sum(dy * u, axis=0)[None, :]
         if HAS_Z:
-            tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)))
+            tl.store(dz_ptr + xoff, walk_order(dout * y * sz * (1.0 + zz * (1.0 - sz)), FLIP))
         ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
         db_acc += tl.sum(ddt, axis=0)[None, :]
-        tl.store(du_ptr + xoff, du)
-        tl.store(ddl_ptr + xoff, ddt)
+        tl.store(du_ptr + xoff, walk_order(du, FLIP))
+        tl.store(ddl_ptr + xoff, walk_order(ddt, FLIP))
     tl.store(dAp_ptr + cidx, dA_acc, mask=nmask)
     pidx = (pid_b * n_seg + pid_s) * DIM + offs_d
     if HAS_D:
@@ -264,13 +274,20 @@ def _bwd_kernel(
         tl.store(dbp_ptr + pidx[None, :], db_acc)
 
 
-def _padded(t: Tensor | None, LS: int) -> Tensor | None:
-    """Contiguous, with the last axis padded to LS (the kernels' row stride, a multiple of 16 so
-    that every thread's tile is one aligned vector load)."""
+def _padded(t: Tensor | None, LS: int, flip: bool) -> Tensor | None:
+    """Contiguous, with the last axis padded with zeros to LS (the kernels' row stride, a multiple of
+    16 so that every thread's tile is one aligned vector load): on the right, or on the left for a
+    walk from the end (`flip`), so the walk's first L positions are the row's values."""
     if t is None:
         return None
     t = t.contiguous()
-    return t if t.shape[-1] == LS else torch.nn.functional.pad(t, (0, LS - t.shape[-1]))
+    pad = LS - t.shape[-1]
+    return t if not pad else torch.nn.functional.pad(t, (pad, 0) if flip else (0, pad))
+
+
+def _unpadded(t: Tensor, L: int, flip: bool) -> Tensor:
+    """The L real positions of a row padded by `_padded`."""
+    return t[..., t.shape[-1] - L:] if flip else t[..., :L]
 
 
 def _tile_major(t: Tensor, LS: int, T: int) -> Tensor:
@@ -313,7 +330,7 @@ def _prefetch(u: Tensor, save: bool) -> bool:
     return not save or u.element_size() == 4
 
 
-def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L, T, cfg):
+def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L, T, flip, cfg):
     batch, dim, LS = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
@@ -333,7 +350,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
             u, delta, dummy, Bg, A32, bias32 if bias32 is not None else dummy,
             S, agg,
             dim, dpg, G, L, LS, seg_len, n_seg, 1,
-            N=N, NP=NP, BD=BD, T=T, REVERSE=False, **flags,
+            N=N, NP=NP, BD=BD, T=T, REVERSE=False, **flags, FLIP=flip,
             num_warps=cfg.warps,
         )
         carry, _ = chain_segments(S, agg, A32, 1, dim, reverse=False, channel_last=True)
@@ -346,13 +363,13 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
         out, carry, hs, last,
         dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, 1,
         N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, HAS_CARRY=n_seg > 1, SAVE=save,
-        WRITE_LAST=want_last, **flags, PREFETCH=_prefetch(u, save),
+        WRITE_LAST=want_last, **flags, PREFETCH=_prefetch(u, save), FLIP=flip,
         num_warps=cfg.warps, maxnreg=cfg.regs,
     )
     return out, (last if want_last else None), (hs if save else None)
 
 
-def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, L, T, cfg):
+def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, L, T, flip, cfg):
     batch, dim, LS = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
@@ -373,7 +390,7 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
         dout, delta, zt, Cg, A32, bt,
         S, agg,
         dim, dpg, G, L, LS, seg_len, n_seg, 1,
-        N=N, NP=NP, BD=BD, T=T, REVERSE=True, **flags,
+        N=N, NP=NP, BD=BD, T=T, REVERSE=True, **flags, FLIP=flip,
         num_warps=cfg.warps_bwd,
     )
     init = None if dlast is None else dlast.to(torch.float32).reshape(batch * dim, N).contiguous()
@@ -392,39 +409,45 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
         hs, wc,
         du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
         dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, 1,
-        N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, **flags,
+        N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, **flags, FLIP=flip,
         num_warps=cfg.warps_bwd, maxnreg=cfg.regs_bwd,
     )
     per_group = n_dblk // G
+    # the partials are in walk order
     dB = dBp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
     dC = dCp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
+    if flip:
+        dB, dC = dB.flip(-1), dC.flip(-1)
     return (
-        du[..., :L], ddl[..., :L], dAp.sum(0).t(), dB, dC,
+        _unpadded(du, L, flip), _unpadded(ddl, L, flip), dAp.sum(0).t(), dB, dC,
         dDp.sum(0) if D32 is not None else None,
-        dz[..., :L] if z is not None else None,
+        _unpadded(dz, L, flip) if z is not None else None,
         dbp.sum(0) if bias32 is not None else None,
     )
 
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, cfg):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, cfg):
         L = u.shape[-1]
         LS = triton.cdiv(L, 16) * 16
-        uc, dc, zc = _padded(u, LS), _padded(delta, LS), _padded(z, LS)
+        uc, dc, zc = (_padded(t, LS, reverse) for t in (u, delta, z))
         cfg = cfg or default_config(u.shape[0], u.shape[1])
         save = any(ctx.needs_input_grad[:8])
         T = _tile(u, cfg, save)
-        Bg = _tile_major(B.unsqueeze(1) if B.dim() == u.dim() else B, LS, T)
-        Cg = _tile_major(C.unsqueeze(1) if C.dim() == u.dim() else C, LS, T)
+        # B and C are converted anyway (`_tile_major`), so a reversed walk reads them reversed here
+        Bg, Cg = (t.unsqueeze(1) if t.dim() == u.dim() else t for t in (B, C))
+        Bg, Cg = (_tile_major(t.flip(-1) if reverse else t, LS, T) for t in (Bg, Cg))
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
-        out, last, hs = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, save, return_last_state, L, T, cfg)
+        flip = flip_run(reverse, T, u.element_size())
+        out, last, hs = _forward(uc, dc, A32, Bg, Cg, D32, zc, b32, delta_softplus, save, return_last_state, L, T,
+                                 flip, cfg)
         if save:
             ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, hs)
-            ctx.meta = (delta_softplus, cfg, L, T, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
-                                                                              for t in (A, B, C, D, delta_bias)))
-        out = out[..., :L]
+            ctx.meta = (delta_softplus, cfg, L, T, flip, B.dim() != u.dim(),
+                        tuple(t.dtype if t is not None else None for t in (A, B, C, D, delta_bias)))
+        out = _unpadded(out, L, reverse)
         if return_last_state:
             return out, last
         return out
@@ -432,13 +455,14 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *rest):
         uc, dc, A32, Bg, Cg, D32, zc, b32, hs = ctx.saved_tensors
-        softplus, cfg, L, T, was_grouped, dtypes = ctx.meta
+        softplus, cfg, L, T, flip, was_grouped, dtypes = ctx.meta
         dlast = rest[0] if rest else None
         du, ddl, dA, dB, dC, dD, dz, db = _backward(
-            _padded(dout, uc.shape[-1]), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, T, cfg,
+            _padded(dout, uc.shape[-1], bool(flip)), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, T,
+            flip, cfg,
         )
         dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dB, dC, dD, db)
-        return du, ddl, dA, dB, dC, dD, dz, db, None, None, None
+        return du, ddl, dA, dB, dC, dD, dz, db, None, None, None, None
 
 
 def selective_scan_triton(
@@ -452,9 +476,12 @@ def selective_scan_triton(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
     config: Scan1DConfig | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`selective_scan` on the Triton kernels: same arguments, results and gradients as the reference
-    (float32 state and accumulation; out in u's dtype; last state in float32)."""
+    (float32 state and accumulation; out in u's dtype; last state in float32). `reverse` walks each
+    sequence from its end inside the kernels: no flipped copies of the inputs or outputs."""
     check_device(u)
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
+                                config)

@@ -8,13 +8,10 @@ before moving within a slice). The stage's skip feature is a normalised channel 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from mambascope.ssm import Mamba
-from mambascope.ssm.orders import tri_orientation_orders
 
 
 def _conv(channels: int, kernel_size: int) -> nn.Module:
@@ -40,15 +37,13 @@ class GatedSpatialConv(nn.Module):
         return x + self.fuse(self.spatial(x) * self.gate(x))
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_orders(depth: int, height: int, width: int, device: str) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    return tuple((perm.to(device), inv.to(device)) for perm, inv in tri_orientation_orders(depth, height, width))
-
-
 class TriOrientedMamba(nn.Module):
     """ToM layer: pre-norm; one Mamba mixer per scan order, outputs put back in voxel order and averaged.
 
-    Works for any (D, H, W): the orders are index permutations of the row-major flattened grid.
+    The orders are those of `ssm.orders.tri_orientation_orders`. The reverse walk is a `reverse=True`
+    mixer (the scan walks from the end in its kernels: no reversed copies); the inter-slice walk, which
+    visits every slice at one (h, w) before moving on, is a transposed copy of the tokens each way.
+    Works for any (D, H, W).
     """
 
     def __init__(self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -56,17 +51,18 @@ class TriOrientedMamba(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.mixers = nn.ModuleList(
-            Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend) for _ in range(3)
+            Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend, reverse=order == 1)
+            for order in range(3)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, L, C), L in row-major (D, H, W) order
         normed = self.norm(tokens)
-        orders = _cached_orders(d, h, w, str(x.device))
-        mixed = sum(mixer(normed[:, perm])[:, inverse]
-                    for mixer, (perm, inverse) in zip(self.mixers, orders, strict=True))
-        out = tokens + mixed / len(orders)
+        forward, reverse, inter_slice = self.mixers
+        across = normed.view(b, d, h * w, c).transpose(1, 2).reshape(b, d * h * w, c)
+        back = inter_slice(across).view(b, h * w, d, c).transpose(1, 2).reshape(b, d * h * w, c)
+        out = tokens + (forward(normed) + reverse(normed) + back) / 3
         return out.transpose(1, 2).reshape(b, c, d, h, w)
 
 
