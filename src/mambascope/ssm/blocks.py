@@ -181,13 +181,13 @@ class SS2D(nn.Module):
         A = -torch.exp(self.A_logs.float())
         y = None
         for reverse in (False, True):
-            k = slice(2 * reverse, 2 * reverse + 2)  # the two directions of this walk: rows, columns
+            k = slice(2, 4) if reverse else slice(0, 2)  # this walk's two directions: rows, columns
+            rows = slice(k.start * d, k.stop * d)  # their channels in A_logs and Ds
             proj = torch.matmul(self.x_proj_weight[k], both)  # (B, 2, rank + 2N, L)
             dts, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
             dts = torch.matmul(self.dt_projs_weight[k], dts)  # (B, 2, d, L)
             part = selective_scan(
-                both.view(batch, 2 * d, L), dts.reshape(batch, 2 * d, L), A[2 * d * reverse: 2 * d * (reverse + 1)],
-                Bs, Cs, self.Ds[k.start * d: k.stop * d].float(),
+                both.view(batch, 2 * d, L), dts.reshape(batch, 2 * d, L), A[rows], Bs, Cs, self.Ds[rows].float(),
                 delta_bias=self.dt_projs_bias[k].reshape(-1).float(), delta_softplus=True, reverse=reverse,
                 backend=self.backend,
             )
