@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import statistics
 
+import scan as scan_bench
 import torch
 import torch.nn.functional as F
 
@@ -73,23 +74,6 @@ def tri_orientation_on_copies(layer: TriOrientedMamba, causal: list[Mamba], x: t
     return (tokens + mixed / 3).transpose(1, 2).reshape(b, c, d, h, w)
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median ms of fn()."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=max(50, 10 * repeats), return_mode="median"))
-    import time
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def alternated(fns: list, rounds: int) -> list:
     """Each of fns() (a number or a tuple of numbers) run `rounds` times, the fns alternated; the
     median of each number over the rounds."""
@@ -104,14 +88,10 @@ def alternated(fns: list, rounds: int) -> list:
     return medians
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
 def compare_blocks(name: str, in_place, on_copies, x: torch.Tensor, device: str, repeats: int, rounds: int) -> None:
     """Check that the two forms agree in float32, then time forward + backward of each."""
     with torch.no_grad():
-        err = rel(in_place(x), on_copies(x))
+        err = scan_bench.rel_err(in_place(x), on_copies(x))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     x = x.detach().requires_grad_(True)
 
@@ -122,8 +102,8 @@ def compare_blocks(name: str, in_place, on_copies, x: torch.Tensor, device: str,
             out.float().square().mean().backward()
         return run
 
-    ms_in, ms_copies = alternated([lambda: timed(step(in_place), device, repeats),
-                                   lambda: timed(step(on_copies), device, repeats)], rounds)
+    ms_in, ms_copies = alternated([lambda: scan_bench.bench(step(in_place), device, repeats),
+                                   lambda: scan_bench.bench(step(on_copies), device, repeats)], rounds)
     ok = "ok" if err < 1e-4 else "MISMATCH"
     print(f"{name:44s} in place {ms_in:8.3f} ms  copies {ms_copies:8.3f} ms  "
           f"copies / in place {ms_copies / ms_in:5.2f}x  (outputs agree to {err:.1e}: {ok})", flush=True)
@@ -131,16 +111,11 @@ def compare_blocks(name: str, in_place, on_copies, x: torch.Tensor, device: str,
 
 def scan_rows(device: str, quick: bool, repeats: int, rounds: int) -> None:
     """The reversed 1D scan: float64 check, then timed against forward scans on flipped copies."""
-    import scan as scan_bench
-
     shapes = [(1, 1024, 16384, torch.bfloat16), (1, 1024, 16384, torch.float32), (64, 384, 3136, torch.bfloat16)]
     mamba = None
     if device == "cuda":
-        ext, _ = scan_bench.load_mamba_ssm_extension(False, scan_bench.ROOT / ".whl")
-        if ext is not None:
-            if ext != "package":
-                scan_bench._MAMBA_EXT = ext
-            mamba = scan_bench.mamba_on_dict("package" if ext == "package" else "ext")
+        kind, _ = scan_bench.use_mamba_ssm(False, scan_bench.ROOT / ".whl")
+        mamba = scan_bench.mamba_on_dict(kind) if kind else None
     if device != "cuda":  # the torch backend flips copies itself: only a smoke run
         shapes = [(1, 64, 1024, torch.float32)]
     for batch, dim, L, dtype in shapes[:1] if quick else shapes:

@@ -140,6 +140,21 @@ def load_mamba_ssm_extension(build: bool, sdist_dir: Path) -> tuple[object | Non
     return None, "not available"
 
 
+def use_mamba_ssm(build: bool, sdist_dir: Path) -> tuple[str | None, str]:
+    """(the kind `mamba_on_dict` takes, or None when mamba-ssm's kernel cannot be had; how it was found).
+    A loaded extension is kept for `_MambaExtScan`."""
+    global _MAMBA_EXT
+    try:
+        ext, how = load_mamba_ssm_extension(build, sdist_dir)
+    except Exception as e:
+        return None, f"failed: {e!r}"[:300]
+    if ext is None:
+        return None, how
+    if ext != "package":
+        _MAMBA_EXT = ext
+    return ("package" if ext == "package" else "ext"), how
+
+
 def _mamba_sources(sdist_dir: Path) -> Path:
     tars = sorted(sdist_dir.glob("mamba_ssm-*.tar.gz"))
     if not tars:
@@ -504,7 +519,6 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         run_cpu(rows)
     else:
-        global _MAMBA_EXT
         builder = None
         if args.build_mamba_ssm and not glob.glob(str(args.sdist_dir / "selective_scan_cuda*.so*")):
             # compile on the CPUs while the GPU runs the Triton checks
@@ -518,15 +532,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             code = builder.wait()
             print(f"mamba-ssm build finished (rc {code}), waited {time.time() - t0:.0f} s", flush=True)
-        try:
-            ext, how = load_mamba_ssm_extension(args.build_mamba_ssm, args.sdist_dir)
-        except Exception as e:
-            ext, how = None, f"failed: {e!r}"[:300]
+        mamba_kind, how = use_mamba_ssm(args.build_mamba_ssm, args.sdist_dir)
         print("mamba-ssm:", how, flush=True)
-        if ext is not None:
-            mamba_kind = "package" if ext == "package" else "ext"
-            if ext != "package":
-                _MAMBA_EXT = ext
         run_gpu(args, rows, mamba_kind)
     print_table(rows, quoted_only=args.device == "cuda" and mamba_kind is None)
     if args.json:
