@@ -439,6 +439,8 @@ SWEEP_2D = [
     dict(programs=512),
     dict(CH=16),
     dict(warps_bwd=4),
+    dict(walk=2),
+    dict(walk=4),
 ]
 
 

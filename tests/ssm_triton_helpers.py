@@ -8,6 +8,7 @@ backward on tiny shapes, and compares with the float64 reference backend.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import torch
 
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16", "1d_bf16_tile16",
-    "1d_dispatch", "1d_reverse_all_options", "1d_reverse_bf16_tile16", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare",
+    "1d_dispatch", "1d_reverse_all_options", "1d_reverse_bf16_tile16", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare", "2d_walk_memory",
     "dwconv_3x3", "dwconv_5x5_bf16",
 )
 
@@ -98,7 +99,7 @@ def run_case(name: str) -> dict:
     # T=4 tiles, 2 channels a program, few programs wanted: short sequences still get several tiles,
     # several segments (the summary + chain path) and several backward channel blocks.
     cfg1 = Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)
-    cfg2 = Scan2DConfig(WB=4, programs=32, WB_BWD=8, R=2, CH=2, warps_bwd=1)
+    cfg2 = Scan2DConfig(WB=4, programs=32, WB_BWD=8, R=2, CH=2, warps_bwd=1, walk=2)
 
     def tri1(**kw):
         return selective_scan_triton(**kw, config=cfg1)
@@ -173,6 +174,25 @@ def run_case(name: str) -> dict:
             x[k] = None
         x["mask"] = torch.rand(2, 3, 6, generator=gen) > 0.3
         return compare(tri2, selective_scan_2d_reference, x)
+    if name == "2d_walk_memory":
+        # 8 rows = 4 tiles of 2 rows: walking 2 tiles a program saves the column state for 2 of them
+        x = scan_inputs(gen, 1, 4, (8, 16), 3, 1, False)
+        runs = {}
+        for walk in (1, 2):
+            cfg = dataclasses.replace(cfg2, walk=walk)
+            leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+            saved: list[int] = []
+
+            def pack(t, saved=saved):
+                saved.append(t.nbytes)
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = selective_scan_2d_triton(**leaves, delta_softplus=True, config=cfg)
+            out.backward(torch.ones_like(out))
+            runs[walk] = (sum(saved), [out.detach()] + [v.grad for v in leaves.values()])
+        return {"saved_bytes_walk1": runs[1][0], "saved_bytes_walk2": runs[2][0],
+                "max_rel_diff": max(rel(a, b) for a, b in zip(runs[1][1], runs[2][1], strict=True))}
     if name == "2d_padding_ignored":
         x = scan_inputs(gen, 1, 2, (4, 5), 2, 1, False)
         mask = torch.rand(1, 4, 5, generator=gen) > 0.4

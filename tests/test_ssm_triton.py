@@ -70,6 +70,14 @@ def test_half_precision_inputs_accumulate_in_float32(interpreted, case):
     assert result["dtypes_ok"]
 
 
+def test_longer_backward_walk_saves_fewer_column_states_and_same_gradients(interpreted):
+    result = interpreted["2d_walk_memory"]
+    # 4 tiles of 2 rows down a 16-wide grid, 4 channels, 3 states: walking 2 tiles a program keeps the
+    # column state of 2 of them instead of 4 (float32), everything else saved is the same
+    assert result["saved_bytes_walk1"] - result["saved_bytes_walk2"] == 2 * 4 * 3 * 16 * 4
+    assert result["max_rel_diff"] < 1e-6
+
+
 def test_padded_cells_do_not_reach_real_cells(interpreted):
     result = interpreted["2d_padding_ignored"]
     assert result["real_cells_changed"] < 1e-6

@@ -16,18 +16,23 @@ Forward:
    zero top, and `chain_segments` turns those into the column state entering every row block.
 3. `_fwd_kernel`: one warp per (channels, column block, row block) walks its rows top to bottom,
    scans each row from the stored row carry, keeps the column state of its columns in registers,
-   writes y. Every R rows it stores that column state (N/R of the input, float32) for the backward.
+   writes y. Every R·walk rows it stores that column state (N/(R·walk) of the input, float32) for the
+   backward.
 
 Backward, three launches plus a small chain:
 1. `_vrev_kernel` walks rows bottom to top per column block, running the adjoint of the column pass
    `gh[i] = c[i] + a[i+1] gh[i+1]` (c = dy C); it stores the column adjoint every R rows and, per
    row and column block, the summary of the row adjoint, which `chain_segments` turns into the
    row-adjoint carry entering each column block from the right.
-2. `_bwd_kernel`: one program per (R rows × WB columns tile, CH channels); with all four carries
-   (left, top, bottom, right) known it recomputes r and h in the tile, runs both adjoint scans and
-   forms every gradient. B and C are loaded once per tile and dB, dC are summed over the CH channels
-   in registers: shared B/C get exact gradients from a deterministic sum of partials, no atomics.
-   The two adjoint scans run backwards; they are done as forward scans on the mirrored tile.
+2. `_bwd_kernel`: one program per (`walk` tiles of R rows × WB columns down one column block, CH
+   channels); with all four carries (left, top, bottom, right) known it recomputes r and h in a
+   tile, runs both adjoint scans and forms every gradient. The column state entering the first tile
+   is the one the forward saved; each tile hands its bottom row's state to the next through the
+   column-adjoint slot it has just read (so the forward saves `walk` times fewer states and the
+   backward allocates nothing for it). B and C are loaded once per tile and dB, dC are summed over
+   the CH channels in registers: shared B/C get exact gradients from a deterministic sum of
+   partials, no atomics. The two adjoint scans run backwards; they are done as forward scans on the
+   mirrored tile.
 """
 
 from __future__ import annotations
@@ -61,8 +66,11 @@ class Scan2DConfig:
     columns a thread and takes 128 / WB channels; also the spacing of the stored row carries);
     programs: forward programs wanted (the grid is cut into row blocks until there are this many);
     WB_BWD: columns per column-adjoint block and backward tile (a multiple of WB); R: rows per
-    backward tile (and the spacing of saved column states); CH, warps_bwd: channels and warps per
-    backward tile program."""
+    backward tile; CH, warps_bwd: channels and warps per backward tile program; walk: tiles a
+    backward program walks down its column block, carrying the column state from tile to tile. The
+    forward saves that state every R·walk rows, so a longer walk trades time for memory (measured,
+    NOTES_scan.md version 27: walk 4 on 256 x 256 x 512 saved 384 MiB at the same time; on
+    217 x 387 x 256 it saved 256 MiB and cost 8%)."""
 
     WB: int = 32
     programs: int = 1024
@@ -70,6 +78,7 @@ class Scan2DConfig:
     R: int = 4
     CH: int = 32
     warps_bwd: int = 2
+    walk: int = 1
 
 
 def default_config() -> Scan2DConfig:
@@ -163,8 +172,8 @@ def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr,
     rowc_ptr, top_ptr, out_ptr, S_ptr, agg_ptr, htop_ptr,
     sb, sd, sh, sw,
-    DIM, dpg, G, H, W, n_cb, n_rb, RH, n_rs, one,
-    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr, R: tl.constexpr,
+    DIM, dpg, G, H, W, n_cb, n_sv, save_rows, RH, n_rs, one,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_MASK: tl.constexpr, SUMMARY: tl.constexpr, HAS_TOP: tl.constexpr, SAVE: tl.constexpr,
 ):
@@ -177,7 +186,7 @@ def _fwd_kernel(
     # channel stride is not specialised, so the compiler keeps them off the lanes.
     # SUMMARY: no output; the column state left at the block's bottom from a zero top, and ΣΔ per
     # column, for the column carries between row blocks. Otherwise the top carry comes from `top`
-    # (chained summaries) and, with SAVE, the column state entering every R-th row is stored.
+    # (chained summaries) and, with SAVE, the column state entering every `save_rows`-th row is stored.
     pid_d = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -202,8 +211,8 @@ def _fwd_kernel(
     for ii in range(n_rows):
         i = row0 + ii
         if SAVE:
-            sptr = htop_ptr + ((seq * n_rb + i // R) * N + nidx * one) * W + col
-            tl.store(sptr, V, mask=nmask & cm & (i % R == 0))
+            sptr = htop_ptr + ((seq * n_sv + i // save_rows) * N + nidx * one) * W + col
+            tl.store(sptr, V, mask=nmask & cm & (i % save_rows == 0))
         xoff = pid_b * sb + offs_d * sd + i * sh + col * sw
         dt, u = _row_inputs(u_ptr, dl_ptr, mask_ptr, xoff, (pid_b * H + i) * W + col + zero_d, cm, bias, SOFTPLUS,
                             HAS_MASK)
@@ -306,127 +315,148 @@ def _bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, dout_ptr,
     hrl_ptr, htop_ptr, gbot_ptr, ghr_ptr,
     du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, par_ptr,
-    DIM, dpg, G, H, W, WR, n_cb, n_rb, n_chblk, n_cbf, cbf_step,
+    DIM, dpg, G, H, W, WR, n_cb, n_rb, n_sv, n_chblk, n_cbf, cbf_step,
     N: tl.constexpr, NP: tl.constexpr, WB: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, WALK: tl.constexpr,
 ):
+    # One program: CH channels, column block cb, the WALK tiles sv*WALK ... from the top (unrolled:
+    # a loop over tiles made ptxas spill twice as much). Each tile but the last leaves its bottom
+    # row's column state, per channel, in the column-adjoint slot (gbot) it has read, where the next
+    # tile finds its top carry; a barrier after that read and one after the tile order the slot's
+    # reuse across the program's threads.
     pid_c = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_w = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    rb = pid_t // n_cb
-    cb = pid_t % n_cb
-    rows = rb * R + tl.arange(0, R)
+    sv = pid_w // n_cb
+    cb = pid_w % n_cb
     cols = cb * WB + tl.arange(0, WB)
-    rm = rows < H
     cm = cols < W
     cx = cols < WR
-    inside = rm[:, None] & cm[None, :]  # B, C, the saved states and the partials: padded width W
-    in_x = rm[:, None] & cx[None, :]  # u, delta, z, dout and their gradients: their own width WR
-    cell = rows[:, None] * W + cols[None, :]
-    xcell = rows[:, None] * WR + cols[None, :]
     # The adjoint scans run right to left and bottom to top. They run as forward scans on the tile
     # mirrored (both axes reversed: row R-1-i, column WB-1-j at index (i, j)), whose inputs are
     # loaded mirrored and whose results are mirrored back (`_mirror`): Triton lowers
     # `associative_scan(..., reverse=True)` on this tile with 352-416 shuffles where the forward scan
     # takes 32-96, and the flips cost less than the difference (217 x 387 x 256 f+b -2%).
-    mrows = rb * R + (R - 1) - tl.arange(0, R)
     mcols = cb * WB + (WB - 1) - tl.arange(0, WB)
-    m_down_in = (mrows + 1 < H)[:, None] & (mcols < WR)[None, :]
-    m_right_in = (mrows < H)[:, None] & (mcols + 1 < WR)[None, :]
-    mcell = mrows[:, None] * W + mcols[None, :]
-    mxcell = mrows[:, None] * WR + mcols[None, :]
-    valid = in_x
-    valid_dn = m_down_in
-    valid_rt = m_right_in
-    if HAS_MASK:
-        mbase = mask_ptr + pid_b * H * W
-        valid = valid & (tl.load(mbase + cell, mask=in_x, other=0) != 0)
-        valid_dn = valid_dn & (tl.load(mbase + mcell + W, mask=m_down_in, other=0) != 0)
-        valid_rt = valid_rt & (tl.load(mbase + mcell + 1, mask=m_right_in, other=0) != 0)
     offs_n = tl.arange(0, NP)
     nm = offs_n < N
     g = (pid_c * CH) // dpg
-    bc_off = ((pid_b * G + g) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
-    bc_mask = nm[:, None, None] & inside[None, :, :]
-    Bt = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
-    dB_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
-    dC_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
     first_row = (tl.arange(0, R) == 0)[None, :, None]
+    last_row = (tl.arange(0, R) == R - 1)[None, :, None]
     first_col = (tl.arange(0, WB) == 0)[None, None, :]
-    # this tile's row of parameter partials: dA (DIM, N), then dD (DIM), then dbias (DIM)
-    par_row = par_ptr + (pid_b * n_rb * n_cb + pid_t) * (DIM * (N + 2))
-    for dd in range(CH):
-        d = pid_c * CH + dd
-        An = tl.load(A_ptr + d * N + offs_n, mask=nm, other=0.0)
-        A2 = (An * 1.4426950408889634)[:, None, None]
-        bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-        seq = pid_b * DIM + d
-        xoff = seq * H * WR + xcell
-        raw = tl.load(dl_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
-        dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
-        mxoff = seq * H * WR + mxcell
-        raw_dn = tl.load(dl_ptr + mxoff + WR, mask=m_down_in, other=0.0).to(tl.float32)
-        dt_dn = tl.where(valid_dn, delta_act(raw_dn, bias, SOFTPLUS), 0.0)
-        raw_rt = tl.load(dl_ptr + mxoff + 1, mask=m_right_in, other=0.0).to(tl.float32)
-        dt_rt = tl.where(valid_rt, delta_act(raw_rt, bias, SOFTPLUS), 0.0)
-        u = tl.load(u_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
-        dtu = dt * u
-        dA = tl.exp2(dt[None, :, :] * A2)
-        x = dtu[None, :, :] * Bt
-        # recompute the row states r and the column states h of the tile
-        hl_idx = (((pid_b * H + rows[None, :]) * n_cbf + cb * cbf_step) * N + offs_n[:, None]) * DIM + d
-        hl = tl.load(hrl_ptr + hl_idx, mask=nm[:, None] & rm[None, :], other=0.0)
-        ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
-        hr = ap * hl[:, :, None] + bp
-        col_base = ((seq * n_rb + rb) * N + offs_n[:, None]) * W  # this tile's saved column states
-        col_idx = col_base + cols[None, :]  # (NP, WB)
-        ht = tl.load(htop_ptr + col_idx, mask=nm[:, None] & cm[None, :], other=0.0)
-        ap2, bp2 = tl.associative_scan((dA, hr), axis=1, combine_fn=lin_combine)
-        h = ap2 * ht[:, None, :] + bp2
-        y = tl.sum(Ct * h, axis=0)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d)
-            y += Dv * u
-        if HAS_Z:
-            zz = tl.load(z_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(zz)
-            dy = dout * zz * sz
-            tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=in_x)
-        else:
-            dy = dout
-        # adjoint of the column pass, then of the row pass, on the mirrored tile (the decay of the
-        # first mirrored row / column is never used by the scan)
-        gb = tl.load(gbot_ptr + col_base + mcols[None, :], mask=nm[:, None] & (mcols < W)[None, :], other=0.0)
-        c1 = _mirror(dy[None, :, :] * Ct) + tl.where(first_row, gb[:, None, :], 0.0)
-        _, gh = tl.associative_scan((tl.exp2(dt_dn[None, :, :] * A2), c1), axis=1, combine_fn=lin_combine)
-        gr = tl.load(ghr_ptr + ((seq * H + mrows[None, :]) * n_cb + cb) * N + offs_n[:, None],
-                     mask=nm[:, None] & (mrows < H)[None, :], other=0.0)
-        c2 = gh + tl.where(first_col, gr[:, :, None], 0.0)
-        _, ghr = tl.associative_scan((tl.exp2(dt_rt[None, :, :] * A2), c2), axis=2, combine_fn=lin_combine)
-        gh = _mirror(gh)
-        ghr = _mirror(ghr)
-        # q = a * dL/da: the decay feeds both passes
-        q = gh * (h - hr) + ghr * (hr - x)
-        dB_acc += ghr * dtu[None, :, :]
-        dC_acc += dy[None, :, :] * h
-        gB = tl.sum(ghr * Bt, axis=0)
-        qA = tl.sum(q * An[:, None, None], axis=0)
-        tl.store(par_row + d * N + offs_n, tl.sum(tl.sum(q * dt[None, :, :], axis=2), axis=1), mask=nm)
-        du = dt * gB
-        if HAS_D:
-            du += Dv * dy
-            tl.store(par_row + DIM * N + d, tl.sum(tl.sum(dy * u, axis=1), axis=0))
-        ddt = tl.where(valid, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
-        if HAS_BIAS:
-            tl.store(par_row + DIM * (N + 1) + d, tl.sum(tl.sum(ddt, axis=1), axis=0))
-        tl.store(du_ptr + xoff, du, mask=in_x)
-        tl.store(ddl_ptr + xoff, ddt, mask=in_x)
-    poff = ((pid_b * n_chblk + pid_c) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
-    tl.store(dBp_ptr + poff, dB_acc, mask=bc_mask)
-    tl.store(dCp_ptr + poff, dC_acc, mask=bc_mask)
+    for k in tl.static_range(WALK):
+        rb = sv * WALK + k
+        if rb < n_rb:
+            rows = rb * R + tl.arange(0, R)
+            rm = rows < H
+            inside = rm[:, None] & cm[None, :]  # B, C, the saved states and the partials: padded width W
+            in_x = rm[:, None] & cx[None, :]  # u, delta, z, dout and their gradients: their own width WR
+            cell = rows[:, None] * W + cols[None, :]
+            xcell = rows[:, None] * WR + cols[None, :]
+            mrows = rb * R + (R - 1) - tl.arange(0, R)
+            m_down_in = (mrows + 1 < H)[:, None] & (mcols < WR)[None, :]
+            m_right_in = (mrows < H)[:, None] & (mcols + 1 < WR)[None, :]
+            mcell = mrows[:, None] * W + mcols[None, :]
+            mxcell = mrows[:, None] * WR + mcols[None, :]
+            valid = in_x
+            valid_dn = m_down_in
+            valid_rt = m_right_in
+            if HAS_MASK:
+                mbase = mask_ptr + pid_b * H * W
+                valid = valid & (tl.load(mbase + cell, mask=in_x, other=0) != 0)
+                valid_dn = valid_dn & (tl.load(mbase + mcell + W, mask=m_down_in, other=0) != 0)
+                valid_rt = valid_rt & (tl.load(mbase + mcell + 1, mask=m_right_in, other=0) != 0)
+            bc_off = ((pid_b * G + g) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
+            bc_mask = nm[:, None, None] & inside[None, :, :]
+            Bt = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0).to(tl.float32)
+            dB_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
+            dC_acc = tl.zeros((NP, R, WB), dtype=tl.float32)
+            # this tile's row of parameter partials: dA (DIM, N), then dD (DIM), then dbias (DIM)
+            par_row = par_ptr + ((pid_b * n_rb + rb) * n_cb + cb) * (DIM * (N + 2))
+            for dd in range(CH):
+                d = pid_c * CH + dd
+                An = tl.load(A_ptr + d * N + offs_n, mask=nm, other=0.0)
+                A2 = (An * 1.4426950408889634)[:, None, None]
+                bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
+                seq = pid_b * DIM + d
+                xoff = seq * H * WR + xcell
+                raw = tl.load(dl_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
+                dt = tl.where(valid, delta_act(raw, bias, SOFTPLUS), 0.0)
+                mxoff = seq * H * WR + mxcell
+                raw_dn = tl.load(dl_ptr + mxoff + WR, mask=m_down_in, other=0.0).to(tl.float32)
+                dt_dn = tl.where(valid_dn, delta_act(raw_dn, bias, SOFTPLUS), 0.0)
+                raw_rt = tl.load(dl_ptr + mxoff + 1, mask=m_right_in, other=0.0).to(tl.float32)
+                dt_rt = tl.where(valid_rt, delta_act(raw_rt, bias, SOFTPLUS), 0.0)
+                u = tl.load(u_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
+                dout = tl.load(dout_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
+                dtu = dt * u
+                dA = tl.exp2(dt[None, :, :] * A2)
+                x = dtu[None, :, :] * Bt
+                # recompute the row states r and the column states h of the tile
+                hl_idx = (((pid_b * H + rows[None, :]) * n_cbf + cb * cbf_step) * N + offs_n[:, None]) * DIM + d
+                hl = tl.load(hrl_ptr + hl_idx, mask=nm[:, None] & rm[None, :], other=0.0)
+                ap, bp = tl.associative_scan((dA, x), axis=2, combine_fn=lin_combine)
+                hr = ap * hl[:, :, None] + bp
+                slot = ((seq * n_rb + rb) * N + offs_n[:, None]) * W  # this tile's column-adjoint slot
+                slot_mask = nm[:, None] & cm[None, :]
+                if k == 0:
+                    ht = tl.load(htop_ptr + ((seq * n_sv + sv) * N + offs_n[:, None]) * W + cols[None, :],
+                                 mask=slot_mask, other=0.0)
+                else:  # the slot of the tile above holds its bottom row's column state
+                    ht = tl.load(gbot_ptr + slot - N * W + cols[None, :], mask=slot_mask, other=0.0)
+                ap2, bp2 = tl.associative_scan((dA, hr), axis=1, combine_fn=lin_combine)
+                h = ap2 * ht[:, None, :] + bp2
+                y = tl.sum(Ct * h, axis=0)
+                if HAS_D:
+                    Dv = tl.load(D_ptr + d)
+                    y += Dv * u
+                if HAS_Z:
+                    zz = tl.load(z_ptr + xoff, mask=in_x, other=0.0).to(tl.float32)
+                    sz = tl.sigmoid(zz)
+                    dy = dout * zz * sz
+                    tl.store(dz_ptr + xoff, dout * y * sz * (1.0 + zz * (1.0 - sz)), mask=in_x)
+                else:
+                    dy = dout
+                # adjoint of the column pass, then of the row pass, on the mirrored tile (the decay of the
+                # first mirrored row / column is never used by the scan)
+                gb = tl.load(gbot_ptr + slot + mcols[None, :], mask=nm[:, None] & (mcols < W)[None, :], other=0.0)
+                c1 = _mirror(dy[None, :, :] * Ct) + tl.where(first_row, gb[:, None, :], 0.0)
+                if k < WALK - 1:
+                    # the bottom row's column state, for the next tile: each thread stores its own cells
+                    # of that row, once every thread has read the slot
+                    tl.debug_barrier()
+                    tl.store(gbot_ptr + (slot + cols[None, :])[:, None, :] + 0 * rows[None, :, None], h,
+                             mask=slot_mask[:, None, :] & last_row)
+                _, gh = tl.associative_scan((tl.exp2(dt_dn[None, :, :] * A2), c1), axis=1, combine_fn=lin_combine)
+                gr = tl.load(ghr_ptr + ((seq * H + mrows[None, :]) * n_cb + cb) * N + offs_n[:, None],
+                             mask=nm[:, None] & (mrows < H)[None, :], other=0.0)
+                c2 = gh + tl.where(first_col, gr[:, :, None], 0.0)
+                _, ghr = tl.associative_scan((tl.exp2(dt_rt[None, :, :] * A2), c2), axis=2, combine_fn=lin_combine)
+                gh = _mirror(gh)
+                ghr = _mirror(ghr)
+                # q = a * dL/da: the decay feeds both passes
+                q = gh * (h - hr) + ghr * (hr - x)
+                dB_acc += ghr * dtu[None, :, :]
+                dC_acc += dy[None, :, :] * h
+                gB = tl.sum(ghr * Bt, axis=0)
+                qA = tl.sum(q * An[:, None, None], axis=0)
+                tl.store(par_row + d * N + offs_n, tl.sum(tl.sum(q * dt[None, :, :], axis=2), axis=1), mask=nm)
+                du = dt * gB
+                if HAS_D:
+                    du += Dv * dy
+                    tl.store(par_row + DIM * N + d, tl.sum(tl.sum(dy * u, axis=1), axis=0))
+                ddt = tl.where(valid, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
+                if HAS_BIAS:
+                    tl.store(par_row + DIM * (N + 1) + d, tl.sum(tl.sum(ddt, axis=1), axis=0))
+                tl.store(du_ptr + xoff, du, mask=in_x)
+                tl.store(ddl_ptr + xoff, ddt, mask=in_x)
+            poff = ((pid_b * n_chblk + pid_c) * N + offs_n[:, None, None]) * H * W + cell[None, :, :]
+            tl.store(dBp_ptr + poff, dB_acc, mask=bc_mask)
+            tl.store(dCp_ptr + poff, dC_acc, mask=bc_mask)
+            if k < WALK - 1:
+                tl.debug_barrier()
 
 
 def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
@@ -452,7 +482,7 @@ def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
 def _row_blocks(batch: int, n_dblk: int, n_cb: int, H: int, cfg: Scan2DConfig) -> tuple[int, int]:
     """(rows per block, blocks): the grid is cut into row blocks until there are about
     `cfg.programs` programs, but only into 4 or more (measured: a split into 2 or 3 costs its
-    summary pass and gains too little parallelism); a block is a whole number of R-row save spans."""
+    summary pass and gains too little parallelism); a block is a whole number of R rows."""
     want = max(1, min(triton.cdiv(H, cfg.R), cfg.programs // max(1, batch * n_dblk * n_cb)))
     if want < 4:
         return H, 1
@@ -460,13 +490,34 @@ def _row_blocks(batch: int, n_dblk: int, n_cb: int, H: int, cfg: Scan2DConfig) -
     return rows, triton.cdiv(H, rows)
 
 
-def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save, cfg):
+@dataclasses.dataclass(frozen=True)
+class _BackwardGrid:
+    """How the backward tile kernel covers a grid; the forward needs `walk` for its save spacing."""
+
+    CH: int  # channels a program
+    n_chblk: int  # channel blocks
+    n_cb: int  # column blocks (WB_BWD wide)
+    n_rb: int  # tiles down a column block (R rows each)
+    walk: int  # tiles a program walks
+    n_sv: int  # programs down a column block, and column states saved for each
+
+    @staticmethod
+    def of(dim: int, dpg: int, H: int, W: int, cfg: Scan2DConfig) -> _BackwardGrid:
+        CH = largest_pow2_divisor(dpg, cfg.CH)
+        n_chblk, n_cb, n_rb = dim // CH, triton.cdiv(W, cfg.WB_BWD), triton.cdiv(H, cfg.R)
+        walk = max(1, min(cfg.walk, n_rb))
+        return _BackwardGrid(CH, n_chblk, n_cb, n_rb, walk, triton.cdiv(n_rb, walk))
+
+
+def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save_rows, cfg):
+    """y, and with `save_rows` (0: no backward to come) the row carries and the column state entering
+    every `save_rows`-th row for the backward."""
     batch, dim, H, W = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB))
     n_cb = triton.cdiv(W, cfg.WB)
-    n_rb = triton.cdiv(H, cfg.R)
+    n_sv = triton.cdiv(H, save_rows) if save_rows else 1
     RH, n_rs = _row_blocks(batch, dim // BD, n_cb, H, cfg)
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
@@ -478,8 +529,8 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save, cfg):
             bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy,
             rowc, top, out, S, agg, htop,
             *u.stride(),
-            dim, dpg, G, H, W, n_cb, n_rb, RH, n_rs, 1,
-            N=N, NP=pow2(N), BD=BD, WB=cfg.WB, R=cfg.R,
+            dim, dpg, G, H, W, n_cb, n_sv, max(save_rows, 1), RH, n_rs, 1,
+            N=N, NP=pow2(N), BD=BD, WB=cfg.WB,
             HAS_D=D32 is not None, HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus,
             HAS_MASK=mask8 is not None, SUMMARY=summary, HAS_TOP=top is not dummy, SAVE=htop is not dummy,
             num_warps=1,
@@ -493,9 +544,9 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save, cfg):
         top, _ = chain_segments(S, agg, A32, W, dim, reverse=False)
         del S, agg
     out = torch.empty_like(u)
-    htop = torch.empty(batch * dim, n_rb, N, W, **f32) if save else dummy
+    htop = torch.empty(batch * dim, n_sv, N, W, **f32) if save_rows else dummy
     sweep(top, out, dummy, dummy, htop, summary=False)
-    return out, (rowc if save else None), (htop if save else None)
+    return out, (rowc if save_rows else None), (htop if save_rows else None)
 
 
 def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl, htop, cfg):
@@ -506,8 +557,8 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     NP = pow2(N)
-    n_cb = triton.cdiv(W, cfg.WB_BWD)
-    n_rb = triton.cdiv(H, cfg.R)
+    grid = _BackwardGrid.of(dim, dpg, H, W, cfg)
+    n_cb, n_rb = grid.n_cb, grid.n_rb
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
     zt = z if z is not None else dummy
@@ -527,8 +578,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     )
     ghr, _ = chain_segments(S, agg, A32, H, dim, reverse=True)
     del S, agg
-    CH = largest_pow2_divisor(dpg, cfg.CH)
-    n_chblk = dim // CH
+    n_chblk = grid.n_chblk
     n_tiles = n_rb * n_cb
     du = torch.empty_like(u)
     ddl = torch.empty_like(delta)
@@ -537,12 +587,13 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     # by one reduction
     dBCp = torch.empty(2, batch, n_chblk, N, H, W, **f32)
     par = torch.empty(batch * n_tiles, dim * (N + 2), **f32)
-    launch(_bwd_kernel, (n_chblk, n_tiles, batch),
+    launch(_bwd_kernel, (n_chblk, grid.n_sv * n_cb, batch),
         u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, mt, dout,
         hrl, htop, gbot, ghr,
         du, ddl, dz, dBCp[0], dBCp[1], par,
-        dim, dpg, G, H, W, WR, n_cb, n_rb, n_chblk, triton.cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
-        N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=CH, HAS_D=D32 is not None, **flags, num_warps=cfg.warps_bwd,
+        dim, dpg, G, H, W, WR, n_cb, n_rb, grid.n_sv, n_chblk, triton.cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
+        N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=grid.CH, HAS_D=D32 is not None, **flags, WALK=grid.walk,
+        num_warps=cfg.warps_bwd,
     )
     dB, dC = dBCp.view(2, batch, G, n_chblk // G, N, H, W).sum(3)
     dA, dD, db = par.sum(0).split([dim * N, dim, dim])
@@ -584,9 +635,11 @@ class _SelectiveScan2D(torch.autograd.Function):
         mask8 = mask.view(torch.uint8) if mask is not None else None  # contiguous already
         cfg = cfg or default_config()
         save = any(ctx.needs_input_grad[:8])
+        H, W = Bg.shape[-2:]
+        save_rows = cfg.R * _BackwardGrid.of(u.shape[1], u.shape[1] // Bg.shape[1], H, W, cfg).walk
         out, hrl, htop = _forward(_pad_width(uc, pad), _pad_width(dc, pad), A32, Bg, Cg, D32,
-                                  _pad_width(zc, pad) if zc is not None else None, b32, delta_softplus, mask8, save,
-                                  cfg)
+                                  _pad_width(zc, pad) if zc is not None else None, b32, delta_softplus, mask8,
+                                  save_rows if save else 0, cfg)
         if save:
             ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop)
             ctx.meta = (delta_softplus, cfg, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
