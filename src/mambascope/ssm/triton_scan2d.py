@@ -492,7 +492,8 @@ def _row_blocks(batch: int, n_dblk: int, n_cb: int, H: int, cfg: Scan2DConfig) -
 
 @dataclasses.dataclass(frozen=True)
 class _BackwardGrid:
-    """How the backward tile kernel covers a grid; the forward needs `walk` for its save spacing."""
+    """How the backward tile kernel covers a grid. Worked out once in the forward, which saves the
+    column states the walks start from, and kept for the backward."""
 
     CH: int  # channels a program
     n_chblk: int  # channel blocks
@@ -509,16 +510,16 @@ class _BackwardGrid:
         return _BackwardGrid(CH, n_chblk, n_cb, n_rb, walk, triton.cdiv(n_rb, walk))
 
 
-def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save_rows, cfg):
-    """y, and with `save_rows` (0: no backward to come) the row carries and the column state entering
-    every `save_rows`-th row for the backward."""
+def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, grid, cfg):
+    """y, and with the backward's `grid` (None: no backward to come) the row carries and the column
+    state entering every R·walk-th row for it."""
     batch, dim, H, W = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB))
     n_cb = triton.cdiv(W, cfg.WB)
-    n_sv = triton.cdiv(H, save_rows) if save_rows else 1
     RH, n_rs = _row_blocks(batch, dim // BD, n_cb, H, cfg)
+    n_sv, walk = (grid.n_sv, grid.walk) if grid else (1, 1)
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
     rowc = _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg)
@@ -529,7 +530,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save_rows, 
             bias32 if bias32 is not None else dummy, mask8 if mask8 is not None else dummy,
             rowc, top, out, S, agg, htop,
             *u.stride(),
-            dim, dpg, G, H, W, n_cb, n_sv, max(save_rows, 1), RH, n_rs, 1,
+            dim, dpg, G, H, W, n_cb, n_sv, cfg.R * walk, RH, n_rs, 1,
             N=N, NP=pow2(N), BD=BD, WB=cfg.WB,
             HAS_D=D32 is not None, HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus,
             HAS_MASK=mask8 is not None, SUMMARY=summary, HAS_TOP=top is not dummy, SAVE=htop is not dummy,
@@ -544,12 +545,12 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, save_rows, 
         top, _ = chain_segments(S, agg, A32, W, dim, reverse=False)
         del S, agg
     out = torch.empty_like(u)
-    htop = torch.empty(batch * dim, n_sv, N, W, **f32) if save_rows else dummy
+    htop = torch.empty(batch * dim, n_sv, N, W, **f32) if grid else dummy
     sweep(top, out, dummy, dummy, htop, summary=False)
-    return out, (rowc if save_rows else None), (htop if save_rows else None)
+    return out, (rowc if grid else None), (htop if grid else None)
 
 
-def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl, htop, cfg):
+def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl, htop, grid, cfg):
     """dout, u, delta and z (and du, ddelta, dz) at their own width WR, contiguous; B, C, the mask, the
     saved states and dB, dC at the forward's padded width W."""
     batch, dim, H, W = Bg.shape[0], u.shape[1], *Bg.shape[-2:]
@@ -557,7 +558,6 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     NP = pow2(N)
-    grid = _BackwardGrid.of(dim, dpg, H, W, cfg)
     n_cb, n_rb = grid.n_cb, grid.n_rb
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
@@ -635,25 +635,24 @@ class _SelectiveScan2D(torch.autograd.Function):
         mask8 = mask.view(torch.uint8) if mask is not None else None  # contiguous already
         cfg = cfg or default_config()
         save = any(ctx.needs_input_grad[:8])
-        H, W = Bg.shape[-2:]
-        save_rows = cfg.R * _BackwardGrid.of(u.shape[1], u.shape[1] // Bg.shape[1], H, W, cfg).walk
+        grid = _BackwardGrid.of(u.shape[1], u.shape[1] // Bg.shape[1], *Bg.shape[-2:], cfg) if save else None
         out, hrl, htop = _forward(_pad_width(uc, pad), _pad_width(dc, pad), A32, Bg, Cg, D32,
-                                  _pad_width(zc, pad) if zc is not None else None, b32, delta_softplus, mask8,
-                                  save_rows if save else 0, cfg)
+                                  _pad_width(zc, pad) if zc is not None else None, b32, delta_softplus, mask8, grid,
+                                  cfg)
         if save:
             ctx.save_for_backward(uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop)
-            ctx.meta = (delta_softplus, cfg, B.dim() != u.dim(), tuple(t.dtype if t is not None else None
-                                                                        for t in (A, B, C, D, delta_bias)))
+            dtypes = tuple(t.dtype if t is not None else None for t in (A, B, C, D, delta_bias))
+            ctx.meta = (delta_softplus, cfg, grid, B.dim() != u.dim(), dtypes)
         ctx.pad = pad
         return out[..., : u.shape[-1]] if pad else out
 
     @staticmethod
     def backward(ctx, dout):
         uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop = ctx.saved_tensors
-        softplus, cfg, was_grouped, dtypes = ctx.meta
+        softplus, cfg, grid, was_grouped, dtypes = ctx.meta
         pad = ctx.pad
         du, ddl, dA, dB, dC, dD, dz, db = _backward(
-            dout.contiguous(), uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, mask8, hrl, htop, cfg,
+            dout.contiguous(), uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, mask8, hrl, htop, grid, cfg,
         )
         if pad:
             dB, dC = dB[..., :-pad], dC[..., :-pad]
