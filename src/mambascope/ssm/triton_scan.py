@@ -255,12 +255,19 @@ def _bwd_kernel(
             dA_acc = tl.where(sel, dA_acc + tl.sum(q * dt, axis=0)[None, :], dA_acc)
             tl.store(dBp_ptr + p_off + n * LS, tl.sum(gg * dtu, axis=1), mask=offs_t < L)
             tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
+        # u, Δ, dout and z are loaded again rather than kept through the state loop, which then
+        # spills less (NOTES_scan.md, version 28)
+        u = walk_order(tl.load(u_ptr + xoff).to(tl.float32), FLIP)
+        raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
             y += Dv * u
             dD_acc += tl.sum(dy * u, axis=0)[None, :]
         if HAS_Z:
+            dout = walk_order(tl.load(dout_ptr + xoff).to(tl.float32), FLIP)
+            zz = walk_order(tl.load(z_ptr + xoff).to(tl.float32), FLIP)
+            sz = tl.sigmoid(zz)
             tl.store(dz_ptr + xoff, walk_order(dout * y * sz * (1.0 + zz * (1.0 - sz)), FLIP))
         ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
         db_acc += tl.sum(ddt, axis=0)[None, :]
