@@ -6,8 +6,8 @@
 Shapes are the issue's: WSI-like 1D scans (batch 1, dim 1024, L 16k–64k, N 16, bf16 and fp32, plus
 two batched shapes) and 2D grids (217×387 dim 256, 128×128 dim 256, 256×256 dim 512; fp32, N 16,
 B and C shared by all channels, a tissue-like mask). Every backend present is timed forward and
-forward+backward (median of CUDA-event timings; on CUDA the backends take turns for --rounds rounds and
-the median round is kept), with its peak extra memory; on CUDA the Triton
+forward+backward (median of CUDA-event timings; on CUDA the backends take turns for --rounds rounds,
+and each number is the median over the rounds), with its peak extra memory; on CUDA the Triton
 kernels are first checked on every shape against a float64 computation with fresh random inputs and
 outputs poisoned with NaN beforehand. Ratios are against mamba-ssm measured in the same run when it
 is available (installed, or built here with --build-mamba-ssm from the sdist in .whl/), else against
