@@ -359,6 +359,15 @@ def run_cpu(rows):
     rows.append(Row("2d", "64x64 dim64 N16", "fp32", "torch", fwd, both))
 
 
+def timed_rows(rows, kind, shape, dtype, cands, rounds, check) -> None:
+    """One row per (name, f, inputs) candidate, timed in turns (`measure_alternated`); the "triton" row
+    carries the float64 check (error of the output, worst gradient error, passed)."""
+    e_out, e_grad, ok = check
+    for name, (fwd, both, peak) in measure_alternated(cands, rounds).items():
+        checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else ()
+        rows.append(Row(kind, shape, dtype, name, fwd, both, peak, *checked))
+
+
 def run_gpu(args, rows, mamba_kind):
     seed = int(time.time()) % 100000
     shapes_1d = list(QUOTED_MAMBA)
@@ -383,9 +392,7 @@ def run_gpu(args, rows, mamba_kind):
             cands.append(("mamba_ssm", mamba_on_dict(mamba_kind), inputs))
         if args.torch_gpu:
             cands.append(("torch", scan_1d("torch"), inputs))
-        for name, (fwd, both, peak) in measure_alternated(cands, args.rounds).items():
-            checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else ()
-            rows.append(Row("1d", shape, dt, name, fwd, both, peak, *checked))
+        timed_rows(rows, "1d", shape, dt, cands, args.rounds, (e_out, e_grad, ok))
         del inputs
         torch.cuda.empty_cache()
     ref2 = scan_2d("reference")
@@ -402,9 +409,7 @@ def run_gpu(args, rows, mamba_kind):
         cands = [("triton", scan_2d("triton"), inputs), ("triton-1d-same-tokens", scan_1d("triton"), flat)]
         if mamba_kind is not None:
             cands.append(("mamba_ssm-1d-same-tokens", mamba_on_dict(mamba_kind), flat))
-        for name, (fwd, both, peak) in measure_alternated(cands, args.rounds).items():
-            checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else ()
-            rows.append(Row("2d", shape, "fp32", name, fwd, both, peak, *checked))
+        timed_rows(rows, "2d", shape, "fp32", cands, args.rounds, (e_out, e_grad, ok))
         del inputs, flat
         torch.cuda.empty_cache()
 

@@ -171,6 +171,13 @@ def walk_order(x, FLIP: tl.constexpr):
     return x
 
 
+
+@triton.jit
+def load_walk(ptr, xoff, FLIP: tl.constexpr):
+    """One (T, BD) tile of a padded row, read at its `tile_positions` offsets `xoff`, as float32 in
+    walk order (rows are padded, so no mask)."""
+    return walk_order(tl.load(ptr + xoff).to(tl.float32), FLIP)
+
 def flip_run(reverse: bool, T: int, element_size: int) -> int:
     """The kernels' FLIP argument: 0 for a walk from the start, else the run of positions one 16-byte
     load holds (`tile_positions`; a longer run crosses lanes and costs shuffles: +2-3% instructions
@@ -268,12 +275,12 @@ def agg_kernel(
         offs_t = t0 + tr
         tm = (offs_t < Lseq)[:, None]
         xoff = seq[None, :] * LS + tile_positions(t0, T, LS, FLIP)
-        raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
+        raw = load_walk(dl_ptr, xoff, FLIP)
         dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
-        v = walk_order(tl.load(v_ptr + xoff).to(tl.float32), FLIP)
+        v = load_walk(v_ptr, xoff, FLIP)
         if REVERSE:
             if HAS_Z:
-                zz = walk_order(tl.load(z_ptr + xoff).to(tl.float32), FLIP)
+                zz = load_walk(z_ptr, xoff, FLIP)
                 v = v * zz * tl.sigmoid(zz)
         else:
             v = dt * v

@@ -49,6 +49,7 @@ from mambascope.ssm.triton_common import (
     largest_pow2_divisor,
     launch,
     lin_combine,
+    load_walk,
     parameter_grads,
     pow2,
     reverse_lin_scan,
@@ -149,8 +150,8 @@ def _fwd_kernel(
             raw_next = tl.load(dl_ptr + seq[None, :] * LS + mem, mask=t0 + T < t_end, other=0.0)
             u_next = tl.load(u_ptr + seq[None, :] * LS + mem, mask=t0 + T < t_end, other=0.0)
         else:
-            raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
-            u = walk_order(tl.load(u_ptr + xoff).to(tl.float32), FLIP)
+            raw = load_walk(dl_ptr, xoff, FLIP)
+            u = load_walk(u_ptr, xoff, FLIP)
         dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
         dtu = dt * u
         y = tl.zeros((T, BD), dtype=tl.float32)
@@ -215,13 +216,13 @@ def _bwd_kernel(
         offs_t = t0 + tr
         tm = (offs_t < L)[:, None]
         xoff = seq[None, :] * LS + tile_positions(t0, T, LS, FLIP)
-        raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
+        raw = load_walk(dl_ptr, xoff, FLIP)
         dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
         dt_next = shift_next(dt, 0)
-        u = walk_order(tl.load(u_ptr + xoff).to(tl.float32), FLIP)
-        dout = walk_order(tl.load(dout_ptr + xoff).to(tl.float32), FLIP)
+        u = load_walk(u_ptr, xoff, FLIP)
+        dout = load_walk(dout_ptr, xoff, FLIP)
         if HAS_Z:
-            zz = walk_order(tl.load(z_ptr + xoff).to(tl.float32), FLIP)
+            zz = load_walk(z_ptr, xoff, FLIP)
             sz = tl.sigmoid(zz)
             dy = dout * zz * sz
         else:
@@ -257,16 +258,16 @@ def _bwd_kernel(
             tl.store(dCp_ptr + p_off + n * LS, tl.sum(dy * h, axis=1), mask=offs_t < L)
         # u, Δ, dout and z are loaded again rather than kept through the state loop, which then
         # spills less (NOTES_scan.md, version 28)
-        u = walk_order(tl.load(u_ptr + xoff).to(tl.float32), FLIP)
-        raw = walk_order(tl.load(dl_ptr + xoff).to(tl.float32), FLIP)
+        u = load_walk(u_ptr, xoff, FLIP)
+        raw = load_walk(dl_ptr, xoff, FLIP)
         du = dt * gB
         if HAS_D:
             du += Dv * dy
             y += Dv * u
             dD_acc += tl.sum(dy * u, axis=0)[None, :]
         if HAS_Z:
-            dout = walk_order(tl.load(dout_ptr + xoff).to(tl.float32), FLIP)
-            zz = walk_order(tl.load(z_ptr + xoff).to(tl.float32), FLIP)
+            dout = load_walk(dout_ptr, xoff, FLIP)
+            zz = load_walk(z_ptr, xoff, FLIP)
             sz = tl.sigmoid(zz)
             tl.store(dz_ptr + xoff, walk_order(dout * y * sz * (1.0 + zz * (1.0 - sz)), FLIP))
         ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
