@@ -2,6 +2,7 @@
 
     python benchmarks/scan.py --device cuda [--build-mamba-ssm] [--sweep] [--json out.json]
     python benchmarks/scan.py --device cpu
+    python benchmarks/scan.py --device cuda --host   # short bags, eager: host against wall time
 
 Shapes are the issue's: WSI-like 1D scans (batch 1, dim 1024, L 16k–64k, N 16, bf16 and fp32, plus
 two batched shapes) and 2D grids (217×387 dim 256, 128×128 dim 256, 256×256 dim 512; fp32, N 16,
@@ -267,28 +268,24 @@ def bench(fn, device, reps=20) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
+def forward_backward(f, inputs):
+    """One forward+backward of `f` on leaf copies of `inputs` (gradients returned, not accumulated)."""
+    leaves_of = with_grad(inputs)
+    leaves = [v for v in leaves_of.values() if v.is_floating_point()]
+    grad = torch.randn_like(f(leaves_of))
+    return lambda: torch.autograd.grad(f(leaves_of), leaves, grad)
+
+
 def measure(f, inputs, device, backward=True, reps=5):
     """(fwd ms, fwd+bwd ms, peak extra MiB over the inputs for one fwd+bwd)."""
     with torch.no_grad():
         fwd = bench(lambda: f(inputs), device, reps)
     if not backward:
         return fwd, None, None
-    gi = with_grad(inputs)
-    leaves = [v for v in gi.values() if v.is_floating_point()]
-    out = f(gi)
-    grad = torch.randn_like(out)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        f(gi).backward(grad)
-
+    step = forward_backward(f, inputs)
     both = bench(step, device, reps)
     peak = None
     if device == "cuda":
-        for t in leaves:
-            t.grad = None
-        del out
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -414,6 +411,43 @@ def run_gpu(args, rows, mamba_kind):
         torch.cuda.empty_cache()
 
 
+# Short MIL bags, where the host sets the pace of an eager forward+backward (--host).
+HOST_SHAPES = [(1, 1024, 2000, "bf16"), (1, 1024, 2001, "bf16"), (1, 1024, 8000, "bf16"), (1, 256, 16384, "fp32")]
+
+
+def eager_host_and_wall(step, iters: int = 40, rounds: int = 3) -> tuple[float, float]:
+    """(host ms, wall ms) of one eager call of `step`: `iters` calls are queued without a sync (host), then
+    the GPU is waited for (wall); medians over `rounds`. Where host >= wall the GPU waited on the host."""
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    hosts, walls = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        hosts.append((t1 - t0) / iters * 1e3)
+        walls.append((time.perf_counter() - t0) / iters * 1e3)
+    return sorted(hosts)[rounds // 2], sorted(walls)[rounds // 2]
+
+
+def run_host(mamba_kind) -> None:
+    """Eager forward+backward of the short-bag shapes: host and wall time a call, Triton against mamba-ssm."""
+    print(f"\n{'eager f+b (short bags)':<24}{'dtype':<6}{'backend':<11}{'host ms':>9}{'wall ms':>9}  wall vs mamba-ssm")
+    for b, d, L, dt in HOST_SHAPES:
+        inputs = inputs_1d(b, d, L, 16, DTYPES[dt], "cuda", 0)
+        cands = [("triton", scan_1d("triton"))] + ([("mamba_ssm", mamba_on_dict(mamba_kind))] if mamba_kind else [])
+        times = {name: eager_host_and_wall(forward_backward(f, inputs)) for name, f in cands}
+        for name, (host, wall) in times.items():
+            ratio = ""
+            if name == "triton" and "mamba_ssm" in times:
+                r = times["mamba_ssm"][1] / wall
+                ratio = f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+            print(f"{f'{b}x{d}x{L}':<24}{dt:<6}{name:<11}{host:>9.3f}{wall:>9.3f}  {ratio}", flush=True)
+
+
 def run_sweep(rows, only):
     """Time several Triton tile configurations on the headline shapes (for tuning the defaults)."""
     from mambascope.ssm.triton_scan import Scan1DConfig
@@ -528,6 +562,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["1d", "2d"], help="only the 1D or only the 2D scans (checks, timings, sweep, profile)")
     p.add_argument("--torch-gpu", action="store_true", help="also time the torch backend on the GPU")
     p.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of the Triton scans")
+    p.add_argument("--host", action="store_true",
+                   help="only the eager forward+backward of short bags: host and wall time, against mamba-ssm")
     p.add_argument("--json", type=Path, help="write all rows here")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -554,6 +590,9 @@ def main(argv=None) -> int:
             print(f"mamba-ssm build finished (rc {code}), waited {time.time() - t0:.0f} s", flush=True)
         mamba_kind, how = use_mamba_ssm(args.build_mamba_ssm, args.sdist_dir)
         print("mamba-ssm:", how, flush=True)
+        if args.host:
+            run_host(mamba_kind)
+            return 0
         run_gpu(args, rows, mamba_kind)
     print_table(rows, quoted_only=args.device == "cuda" and mamba_kind is None)
     if args.json:

@@ -17,7 +17,7 @@ import torch
 
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16", "1d_bf16_tile16",
-    "1d_dispatch", "1d_reverse_all_options", "1d_reverse_bf16_tile16", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare", "2d_walk_memory",
+    "1d_dispatch", "1d_reverse_all_options", "1d_reverse_bf16_tile16", "1d_strided_bc_reverse", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare", "2d_walk_memory",
     "dwconv_3x3", "dwconv_5x5_bf16",
 )
 
@@ -139,6 +139,22 @@ def run_case(name: str) -> dict:
         return compare(lambda **k: tri1(**k, delta_softplus=True, return_last_state=True, reverse=True),
                        lambda **k: selective_scan(**k, delta_softplus=True, return_last_state=True, reverse=True,
                                                   backend="reference"), x)
+    if name == "1d_strided_bc_reverse":  # strided B, C (as a projection gives them) and z, read in place
+
+        def columns_of_one_projection(B, C):
+            wide = torch.cat([torch.zeros_like(B[:, :1]), B, C], dim=1).transpose(1, 2)  # (batch, L, 1 + 2N)
+            n = B.shape[1]
+            return wide[..., 1:1 + n].transpose(1, 2), wide[..., 1 + n:].transpose(1, 2)
+
+        def strided(**k):
+            k["B"], k["C"] = columns_of_one_projection(k["B"], k["C"])
+            k["z"] = k["z"].transpose(1, 2).contiguous().transpose(1, 2)  # channel-last, as a gate can come
+            assert not (k["B"].is_contiguous() or k["z"].is_contiguous())
+            return tri1(**k, delta_softplus=True, return_last_state=True, reverse=True)
+
+        x = scan_inputs(gen, 2, 4, (23,), 3, 1, False)
+        return compare(strided, lambda **k: selective_scan(**k, delta_softplus=True, return_last_state=True,
+                                                           reverse=True, backend="reference"), x)
     if name == "1d_reverse_bf16_tile16":  # 16-position tiles: two runs of 8 reversed a tile
         x = scan_inputs(gen, 1, 4, (45,), 4, 1, False, dtype=torch.bfloat16)
         cfg16 = Scan1DConfig(T=16, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)

@@ -189,13 +189,14 @@ def test_unknown_or_unavailable_backend_is_a_config_error():
         ("A", torch.zeros(3, 2)),
         ("B", torch.zeros(1, 3, 4)),
         ("C", torch.zeros(1, 3, 2, 4)),  # 3 groups do not divide dim=2
+        ("B and C", torch.zeros(1, 2, 2, 4)),  # C grouped (2 groups), B not: the groups must agree
         ("D", torch.zeros(3)),
         ("z", torch.zeros(2, 2, 4)),
     ],
 )
 def test_shape_mistakes_name_the_argument(name, bad):
     args = scan_args(1, 2, (4,), 2)
-    args[name] = bad
+    args[name.split()[-1]] = bad
     with pytest.raises(ValueError, match=name):
         selective_scan(**args)
 

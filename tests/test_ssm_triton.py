@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 HELPER = Path(__file__).with_name("ssm_triton_helpers.py")
 pytest.importorskip("triton")
@@ -44,6 +45,7 @@ def _errors(result: dict) -> dict:
         ("1d_bare", {"out0", "du", "ddelta", "dA", "dB", "dC"}),
         ("1d_dispatch", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("1d_reverse_all_options", {"out0", "out1", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
+        ("1d_strided_bc_reverse", {"out0", "out1", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_mask_nonsquare", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_grouped", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
         ("2d_single_cell", {"out0", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"}),
@@ -100,8 +102,11 @@ def test_cpu_tensors_without_interpreter_are_a_config_error(monkeypatch):
         selective_scan_2d_triton(g, g, torch.zeros(2, 3), torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 4))
 
 
-def test_argument_specialisation_tells_apart_what_triton_specialises():
-    from mambascope.ssm.triton_common import argument_specialisation as spec
+def test_specialisation_key_tells_apart_what_triton_specialises():
+    from mambascope.ssm.triton_common import specialisation_key
+
+    def spec(arg):
+        return specialisation_key((arg,))[0]
 
     base = torch.zeros(64)
     assert spec(base) == spec(torch.ones(64))
@@ -111,15 +116,35 @@ def test_argument_specialisation_tells_apart_what_triton_specialises():
     assert spec(1) != spec(17) and spec(16) != spec(17) and spec(32) == spec(48)
     assert spec(2**31) != spec(2**31 - 16) and spec(2**63) != spec(2**62)
     assert spec(True) != spec(False) and spec(None) is None and spec(0.5) == spec(2.0)
+    assert spec(True) != spec(1) and spec(torch.nn.Parameter(base)) == spec(base)
+
+
+def test_host_size_helpers_match_tritons():
+    """`pow2` and `cdiv` replace triton.next_power_of_2 and triton.cdiv in the wrappers' host code."""
+    from mambascope.ssm.triton_common import cdiv, pow2
+
+    assert [pow2(n) for n in range(0, 2100)] == [triton.next_power_of_2(max(n, 1)) for n in range(0, 2100)]
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in (1, 3, 8, 16, 17))
 
 
 class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: `run` is its C launcher, `[grid]` its runner (which builds
+    launch metadata and calls the launch hooks)."""
+
+    function, packed_metadata = "cu-function", "packed-metadata"
+
     def __init__(self, calls):
         self.calls = calls
 
+    def run(self, *args):
+        grid, (stream, function, metadata, launch_metadata, enter, exit_), rest = args[:3], args[3:9], args[9:]
+        assert (stream, function, metadata) == ("stream-0", "cu-function", "packed-metadata")
+        assert launch_metadata is enter is exit_ is None
+        self.calls.append(("launcher", grid, rest))
+
     def __getitem__(self, grid):
-        assert len(grid) == 3, "a compiled kernel's launcher takes all three grid sizes"
-        return lambda *args: self.calls.append(("handle", grid, args))
+        assert len(grid) == 3, "a compiled kernel's runner takes all three grid sizes"
+        return lambda *args: self.calls.append(("runner", grid, args))
 
 
 class _FakeKernel:
@@ -143,15 +168,39 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
 
     monkeypatch.setattr(triton_common, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(triton_common, "current_stream", lambda device: f"stream-{device}")
     kernel = _FakeKernel()
     x = torch.zeros(64)
     triton_common.launch(kernel, (4,), x, 32, BLOCK=8, FLAG=True, num_warps=2)
-    triton_common.launch(kernel, (5, 2), x, 48, FLAG=True, BLOCK=8, num_warps=2)
+    triton_common.launch(kernel, (5, 2), x, 48, BLOCK=8, FLAG=True, num_warps=2)
     triton_common.launch(kernel, (4,), x[1:], 32, BLOCK=8, FLAG=True, num_warps=2)  # misaligned pointer
     triton_common.launch(kernel, (4,), x, 32, BLOCK=16, FLAG=True, num_warps=2)  # another constexpr
-    assert [c[0] for c in kernel.calls] == ["triton", "handle", "triton", "triton"]
-    # the compiled kernel takes every argument in signature order, constexprs included
+    assert [c[0] for c in kernel.calls] == ["triton", "launcher", "triton", "triton"]
+    # the C launcher takes every argument in signature order, constexprs included
     assert kernel.calls[1][1:] == ((5, 2, 1), (x, 48, 8, True))
+    # while a launch hook listens (a profiler), launches go through the compiled kernel's runner
+    monkeypatch.setattr(triton_common, "_no_launch_hooks", lambda: False)
+    triton_common.launch(kernel, (3,), x, 16, BLOCK=8, FLAG=True, num_warps=2)
+    assert kernel.calls[-1] == ("runner", (3, 1, 1), (x, 16, 8, True))
+
+
+def test_launch_hooks_are_seen():
+    from triton import knobs
+
+    from mambascope.ssm import triton_common
+
+    assert triton_common._no_launch_hooks()
+    hook = knobs.runtime.launch_enter_hook
+
+    def listener(metadata):
+        return None
+
+    hook.add(listener)
+    try:
+        assert not triton_common._no_launch_hooks()
+    finally:
+        hook.remove(listener)
+    assert triton_common._no_launch_hooks()
 
 
 def test_fused_depthwise_conv_silu_matches_pytorch(interpreted):

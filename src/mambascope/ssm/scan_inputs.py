@@ -57,6 +57,8 @@ def check_scan_args(
                 f"{name} must be (batch, N, *spatial) or (batch, G, N, *spatial) matching u {tuple(u.shape)} "
                 f"and A {tuple(A.shape)}, got {tuple(t.shape)}"
             )
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape (the same groups), got {tuple(B.shape)} and {tuple(C.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (dim,):
             raise ValueError(f"{name} must be (dim={dim},), got {tuple(t.shape)}")

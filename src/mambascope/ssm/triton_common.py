@@ -18,7 +18,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.language.extra import libdevice
+from triton.runtime.driver import driver
 
 from mambascope.errors import ConfigError
 
@@ -56,46 +58,85 @@ def parameter_grads(dtypes: tuple, was_grouped: bool, dA, dB, dC, dD, dbias) -> 
 
 
 def pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (at least 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-def argument_specialisation(arg: object) -> object:
-    """What Triton's specialisation of a kernel reads from one argument: a tensor's dtype and whether
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's sizes. (`triton.cdiv` is a constexpr function in Triton 3.6 and
+    costs a few µs a call on the host: the 1D scan's wrapper made 17 calls a forward+backward.)"""
+    return -(-a // b)
+
+
+def specialisation_key(args: tuple) -> tuple:
+    """What Triton's specialisation of a kernel reads from each argument: a tensor's dtype and whether
     its address is 16-byte aligned; an integer's width (i32, i64 or u64), whether it is 1 and whether
     16 divides it; a float only as a float; anything else (bools, None) by value. Two calls whose
-    arguments agree on these run the same compiled kernel."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
+    arguments agree on these run the same compiled kernel. (One comprehension over the arguments, with
+    plain tensors and ints, nearly all of them, told apart by exact type: this runs at every launch.)"""
+    return tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor
+                  else _int_specialisation(a) if type(a) is int
+                  else _other_specialisation(a) for a in args])
+
+
+def _int_specialisation(a: int) -> tuple:
+    return a == 1, a & 15 == 0, -(2**31) <= a < 2**31, a >= 2**63
+
+
+def _other_specialisation(arg: object) -> object:
+    if isinstance(arg, torch.Tensor):  # a subclass, e.g. a Parameter
+        return arg.dtype, arg.data_ptr() & 15 == 0
     if isinstance(arg, int) and not isinstance(arg, bool):
-        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 2**63
+        return _int_specialisation(arg)
     if isinstance(arg, float):
         return float
     return arg
+
+
+def _no_launch_hooks() -> bool:
+    """Whether nothing (a profiler such as Proton) listens to Triton's kernel launches: Triton keeps
+    its launch hooks as chains of callables (3.6, 3.8), older versions as one callable or None."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return not any(getattr(hook, "calls", hook) for hook in hooks)
 
 
 _COMPILED: dict[tuple, tuple] = {}
 
 
 def launch(kernel: triton.runtime.JITFunction, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
-    """`kernel[grid](*args, **kwargs)`, through the compiled kernel's own launcher once Triton has
-    compiled it for these arguments' specialisation (`argument_specialisation`).
+    """`kernel[grid](*args, **kwargs)`, through the compiled kernel's C launcher once Triton has compiled
+    it for these arguments' specialisation (`specialisation_key`).
 
     Why: Triton binds and specialises every argument again at each launch. For the scans' kernels
-    (20-45 arguments) that took 40-100 µs of host time a launch on the H100 machine, the compiled
-    kernel's launcher 16-27 µs (benchmarks/NOTES_scan.md, version 19); a one-slide MIL step launches
-    seven. `kwargs` are the constexpr arguments and launch options, compared by value. Under the
-    interpreter every launch goes through Triton."""
+    (20-45 arguments) that took 40-100 µs of host time a launch on the H100 machine
+    (benchmarks/NOTES_scan.md, version 19), and the compiled kernel's own runner still 30-50 µs, most
+    of it building launch metadata for hooks that nobody set: the C launcher alone takes 10-15 µs
+    (version 29). A forward and backward of the 1D scan launch seven to nine kernels. `kwargs` are the constexpr
+    arguments and launch options, in the caller's order, compared by value. Under the interpreter
+    every launch goes through Triton, and so does every launch while a launch hook is set."""
     if interpreting():
         kernel[grid](*args, **kwargs)
         return
-    key = (kernel, torch.cuda.current_device(), tuple(map(argument_specialisation, args)), frozenset(kwargs.items()))
+    device = torch.cuda.current_device()
+    key = (kernel, device, specialisation_key(args), tuple(kwargs.items()))
     found = _COMPILED.get(key)
     if found is None:
         compiled = kernel[grid](*args, **kwargs)  # Triton's own dispatch: compiles when needed, launches
         _COMPILED[key] = compiled, kernel.arg_names[len(args):]
         return
     compiled, tail_names = found
-    compiled[(*grid, 1, 1)[:3]](*args, *(kwargs[name] for name in tail_names))  # its launcher takes 3 grid sizes
+    tail = [kwargs[name] for name in tail_names]  # the constexprs, which the launcher takes and skips
+    grid3 = (*grid, 1, 1)
+    if not _no_launch_hooks():
+        compiled[grid3[:3]](*args, *tail)
+        return
+    compiled.run(grid3[0], grid3[1], grid3[2], current_stream(device), compiled.function, compiled.packed_metadata,
+                 None, None, None, *args, *tail)  # no launch metadata, no hooks
+
+
+def current_stream(device: int) -> int:
+    """The handle of the device's current CUDA stream (PyTorch's), as Triton's own launches use it."""
+    return driver.active.get_current_stream(device)
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:
@@ -382,7 +423,7 @@ def chain_segments(
     NP = pow2(N)
     SC = min(32, pow2(n_seg))
     BP = max(1, min(8, 2048 // (NP * SC)))
-    launch(combine_kernel, (triton.cdiv(P, BP),),
+    launch(combine_kernel, (cdiv(P, BP),),
         S, agg, A32, init if init is not None else S, buf,
         P, rows_per_channel, dim, n_seg,
         N=N, NP=NP, BP=BP, SC=SC, REVERSE=reverse, HAS_INIT=init is not None, CHANNEL_LAST=channel_last,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambascope.ssm.triton_common import check_device, launch
+from mambascope.ssm.triton_common import cdiv, check_device, launch
 
 BLOCK_ROWS, BLOCK_COLS = 16, 64
 
@@ -87,7 +87,7 @@ def _input_grad_kernel(g_ptr, w_ptr, dx_ptr, C, H, W, K: tl.constexpr, BR: tl.co
 
 def _grid(x: Tensor) -> tuple[int, int, int]:
     batch, channels, height, width = x.shape
-    return batch * channels, triton.cdiv(height, BLOCK_ROWS), triton.cdiv(width, BLOCK_COLS)
+    return batch * channels, cdiv(height, BLOCK_ROWS), cdiv(width, BLOCK_COLS)
 
 
 class _DepthwiseConvSiLU(torch.autograd.Function):

@@ -39,6 +39,7 @@ from torch import Tensor
 from mambascope.ssm.triton_common import (
     agg_kernel,
     as_f32,
+    cdiv,
     chain_segments,
     channel_block,
     check_device,
@@ -176,7 +177,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
     hs_ptr, wc_ptr,
-    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, par_ptr,
     DIM, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, one,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -188,9 +189,10 @@ def _bwd_kernel(
     # saved. Per state n (a plain loop, to keep registers low): the forward scan, the adjoint scan
     # `g[t] = c[t] + a[t+1] g[t+1]`, then the gradients. dB and dC are summed over the BD channels
     # (a reduction across the warp's lanes) and written as this channel block's partial; dA, dD and
-    # dbias are summed over the segment in registers and written once. (An inline-PTX reduce-scatter
-    # of dB and dC over the lanes served 8-position tiles; 16-position tiles without it were faster,
-    # NOTES_scan.md version 23.)
+    # dbias are summed over the segment in registers and written once, as the rows 0..N-1, N and N+1
+    # of the segment's (N + 2, DIM) partial, so the host sums all three in one reduction. (An
+    # inline-PTX reduce-scatter of dB and dC over the lanes served 8-position tiles; 16-position tiles
+    # without it were faster, NOTES_scan.md version 23.)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -274,23 +276,58 @@ def _bwd_kernel(
         db_acc += tl.sum(ddt, axis=0)[None, :]
         tl.store(du_ptr + xoff, walk_order(du, FLIP))
         tl.store(ddl_ptr + xoff, walk_order(ddt, FLIP))
-    tl.store(dAp_ptr + cidx, dA_acc, mask=nmask)
-    pidx = (pid_b * n_seg + pid_s) * DIM + offs_d
+    prow = par_ptr + (pid_b * n_seg + pid_s) * (N + 2) * DIM  # this segment's (N + 2, DIM) partial
+    tl.store(prow + nidx * DIM + offs_d[None, :] * one, dA_acc, mask=nmask)
     if HAS_D:
-        tl.store(dDp_ptr + pidx[None, :], dD_acc)
+        tl.store(prow + N * DIM + offs_d[None, :], dD_acc)
     if HAS_BIAS:
-        tl.store(dbp_ptr + pidx[None, :], db_acc)
+        tl.store(prow + (N + 1) * DIM + offs_d[None, :], db_acc)
 
 
-def _padded(t: Tensor | None, LS: int, flip: bool) -> Tensor | None:
-    """Contiguous, with the last axis padded with zeros to LS (the kernels' row stride, a multiple of
-    16 so that every thread's tile is one aligned vector load): on the right, or on the left for a
-    walk from the end (`flip`), so the walk's first L positions are the row's values."""
-    if t is None:
-        return None
-    t = t.contiguous()
-    pad = LS - t.shape[-1]
-    return t if not pad else torch.nn.functional.pad(t, (pad, 0) if flip else (0, pad))
+@triton.jit
+def _pad_rows_kernel(
+    a_ptr, b_ptr, c_ptr, pa_ptr, pb_ptr, pc_ptr, L, LS, DIM,
+    sa_b, sa_d, sa_l, sb_b, sb_d, sb_l, sc_b, sc_d, sc_l,
+    BLOCK: tl.constexpr, LEFT: tl.constexpr,
+):
+    # Program (row b * DIM + d, block of BLOCK padded positions, which tensor): copies the row's L values
+    # from the source's strides into the padded row, zeros around them, in the source's dtype.
+    row = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(2)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    src = offs - (LS - L) if LEFT else offs
+    m = (src >= 0) & (src < L)
+    bb, d = row // DIM, row % DIM
+    dst = row * LS + offs
+    if which == 0:
+        tl.store(pa_ptr + dst, tl.load(a_ptr + bb * sa_b + d * sa_d + src * sa_l, mask=m, other=0.0), mask=offs < LS)
+    elif which == 1:
+        tl.store(pb_ptr + dst, tl.load(b_ptr + bb * sb_b + d * sb_d + src * sb_l, mask=m, other=0.0), mask=offs < LS)
+    else:
+        tl.store(pc_ptr + dst, tl.load(c_ptr + bb * sc_b + d * sc_d + src * sc_l, mask=m, other=0.0), mask=offs < LS)
+
+
+def _padded(tensors: tuple[Tensor | None, ...], LS: int, flip: bool) -> list[Tensor | None]:
+    """Up to three (batch, dim, L) tensors, contiguous, with the last axis padded with zeros to LS (the
+    kernels' row stride, a multiple of 16 so that every thread's tile is one aligned vector load): on the
+    right, or on the left for a walk from the end (`flip`), so the walk's first L positions are the row's
+    values. Tensors already in that form pass through; the rest are copied by one launch, at their
+    strides (for unaligned bag lengths torch's pads were three operations each, NOTES_scan.md version 29)."""
+    todo = [t for t in tensors if t is not None and (t.shape[-1] != LS or not t.is_contiguous())]
+    if not todo:
+        return list(tensors)
+    batch, dim, L = todo[0].shape
+    padded = [torch.empty(batch, dim, LS, device=t.device, dtype=t.dtype) for t in todo]
+    slots = (todo + todo[:1] * 2)[:3]  # unused slots repeat the first tensor (their programs do not run)
+    outs = (padded + padded[:1] * 2)[:3]
+    BLOCK = min(1024, pow2(LS))
+    launch(_pad_rows_kernel, (batch * dim, cdiv(LS, BLOCK), len(todo)),
+        *slots, *outs, L, LS, dim, *(stride for t in slots for stride in t.stride()),
+        BLOCK=BLOCK, LEFT=flip,
+        num_warps=4,
+    )
+    done = dict(zip(map(id, todo), padded, strict=True))
+    return [done.get(id(t), t) if t is not None else None for t in tensors]
 
 
 def _unpadded(t: Tensor, L: int, flip: bool) -> Tensor:
@@ -298,17 +335,46 @@ def _unpadded(t: Tensor, L: int, flip: bool) -> Tensor:
     return t[..., t.shape[-1] - L:] if flip else t[..., :L]
 
 
-def _tile_major(t: Tensor, LS: int, T: int) -> Tensor:
-    """B or C (batch, G, N, L) as the kernels read them: float32, zero-padded to LS positions and
-    tile-major, (batch, G, LS / T, N, T). One tile's values for all states are then one contiguous
-    block, and a state's place in it is a constant offset that the loads encode, where (N, L) planes
-    needed an address computed per state and load; and 16-bit values are converted once here, not by
-    every thread of every tile (together 17% of the forward's instructions, NOTES_scan.md)."""
-    batch, G, N, L = t.shape
-    out = torch.empty(batch, G, LS // T, N, T, device=t.device, dtype=torch.float32)
-    src = torch.nn.functional.pad(t, (0, LS - L)) if LS != L else t
-    out.permute(0, 1, 3, 2, 4).copy_(src.reshape(batch, G, N, LS // T, T))
-    return out
+@triton.jit
+def _tile_major_kernel(
+    b_ptr, c_ptr, out_ptr, L, LS, G,
+    sb_b, sb_g, sb_n, sb_l, sc_b, sc_g, sc_n, sc_l,
+    N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BL: tl.constexpr, FLIP: tl.constexpr,
+):
+    # Program (b * G + g, block of BL walk positions, B or C): reads the block at the source's strides
+    # (reversed when FLIP), writes it as float32 tiles (LS / T, N, T) with zeros past L.
+    bg = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(2)
+    offs_l = tl.program_id(1) * BL + tl.arange(0, BL)[:, None]
+    offs_n = tl.arange(0, NP)[None, :]
+    src_l = L - 1 - offs_l if FLIP else offs_l
+    m = (offs_l < L) & (offs_n < N)
+    b, g = bg // G, bg % G
+    if which == 0:
+        v = tl.load(b_ptr + b * sb_b + g * sb_g + offs_n * sb_n + src_l * sb_l, mask=m, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(c_ptr + b * sc_b + g * sc_g + offs_n * sc_n + src_l * sc_l, mask=m, other=0.0).to(tl.float32)
+    dst = out_ptr + (which * tl.num_programs(0) + bg) * N * LS + (offs_l // T) * (N * T) + offs_n * T + offs_l % T
+    tl.store(dst, v, mask=(offs_l < LS) & (offs_n < N))
+
+
+def _tile_major(B: Tensor, C: Tensor, LS: int, T: int, flip: bool) -> tuple[Tensor, Tensor]:
+    """B and C (batch, G, N, L), any strides and float dtype, as the kernels read them: float32,
+    zero-padded to LS positions, tile-major (batch, G, LS / T, N, T), and reversed along L for a walk
+    from the end. One tile's values for all states are then one contiguous block, and a state's place in
+    it is a constant offset that the loads encode, where (N, L) planes needed an address computed per
+    state and load; and 16-bit values are converted once here, not by every thread of every tile
+    (together 17% of the forward's instructions, NOTES_scan.md). One launch converts both (the copies,
+    pads and flips it replaces were 4-8 operations of host time, NOTES_scan.md version 29)."""
+    batch, G, N, L = B.shape
+    out = torch.empty(2, batch, G, LS // T, N, T, device=B.device, dtype=torch.float32)
+    BL = 128
+    launch(_tile_major_kernel, (batch * G, cdiv(LS, BL), 2),
+        B, C, out, L, LS, G, *B.stride(), *C.stride(),
+        N=N, NP=pow2(N), T=T, BL=BL, FLIP=flip,
+        num_warps=4,
+    )
+    return out[0], out[1]
 
 
 def _segments(batch: int, n_dblk: int, n_tiles: int, T: int, programs: int) -> tuple[int, int]:
@@ -318,8 +384,8 @@ def _segments(batch: int, n_dblk: int, n_tiles: int, T: int, programs: int) -> t
     positions made the kernels 2-6x slower, NOTES_scan.md)."""
     step = 16 // math.gcd(T, 16)
     n_seg = max(1, min(n_tiles, math.ceil(programs / (batch * n_dblk))))
-    seg_tiles = triton.cdiv(triton.cdiv(n_tiles, n_seg), step) * step
-    return triton.cdiv(n_tiles, seg_tiles), seg_tiles * T
+    seg_tiles = cdiv(cdiv(n_tiles, n_seg), step) * step
+    return cdiv(n_tiles, seg_tiles), seg_tiles * T
 
 
 def _tile(u: Tensor, cfg: Scan1DConfig, save: bool) -> int:
@@ -343,7 +409,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     BD = largest_pow2_divisor(dpg, cfg.BD)
-    n_tiles = triton.cdiv(L, T)
+    n_tiles = cdiv(L, T)
     n_dblk = dim // BD
     n_seg, seg_len = _segments(batch, n_dblk, n_tiles, T, cfg.programs)
     NP = pow2(N)
@@ -378,10 +444,12 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, save, want_last, L
 
 
 def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, L, T, flip, cfg):
+    """(du, dΔ, dA, dB and dC stacked as (2, batch, G, N, L), dD, dz, dbias): the gradients of `_forward`'s
+    inputs, unpadded, dB and dC in float32."""
     batch, dim, LS = u.shape
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
-    n_tiles = triton.cdiv(L, T)
+    n_tiles = cdiv(L, T)
     NP = pow2(N)
     f32 = dict(device=u.device, dtype=torch.float32)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=softplus)
@@ -407,30 +475,28 @@ def _backward(dout, dlast, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, hs, 
     du = torch.empty_like(u)
     ddl = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else dummy
-    dBp = torch.empty(batch, n_dblk, N, LS, **f32)
-    dCp = torch.empty(batch, n_dblk, N, LS, **f32)
-    dAp = torch.empty(batch * n_seg, N, dim, **f32)
-    dDp = torch.empty(batch * n_seg, dim, **f32) if D32 is not None else dummy
-    dbp = torch.empty(batch * n_seg, dim, **f32) if bias32 is not None else dummy
+    # the per-block dB and dC partials, and the per-segment dA, dD, dbias partials, each in one buffer
+    # so one reduction sums each (at one sequence a step the host's launches, not the GPU, set the pace)
+    dBCp = torch.empty(2, batch, n_dblk, N, LS, **f32)
+    par = torch.empty(batch * n_seg, N + 2, dim, **f32)
     launch(_bwd_kernel, (n_dblk, n_seg, batch),
         u, delta, A32.t().contiguous(), Bg, Cg, D32 if D32 is not None else dummy, zt, bt, dout,
         hs, wc,
-        du, ddl, dz, dBp, dCp, dAp, dDp, dbp,
+        du, ddl, dz, dBCp[0], dBCp[1], par,
         dim, dpg, G, L, LS, seg_len, n_seg, n_tiles, n_dblk, 1,
         N=N, NP=NP, BD=BD, T=T, HAS_D=D32 is not None, **flags, FLIP=flip,
         num_warps=cfg.warps_bwd, maxnreg=cfg.regs_bwd,
     )
-    per_group = n_dblk // G
-    # the partials are in walk order
-    dB = dBp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
-    dC = dCp.view(batch, G, per_group, N, LS)[..., :L].sum(2)
+    # the dB/dC partials are in walk order
+    dBC = dBCp.view(2, batch, G, n_dblk // G, N, LS)[..., :L].sum(3)
     if flip:
-        dB, dC = dB.flip(-1), dC.flip(-1)
+        dBC = dBC.flip(-1)
+    sums = par.sum(0)
     return (
-        _unpadded(du, L, flip), _unpadded(ddl, L, flip), dAp.sum(0).t(), dB, dC,
-        dDp.sum(0) if D32 is not None else None,
+        _unpadded(du, L, flip), _unpadded(ddl, L, flip), sums[:N].t(), dBC,
+        sums[N] if D32 is not None else None,
         _unpadded(dz, L, flip) if z is not None else None,
-        dbp.sum(0) if bias32 is not None else None,
+        sums[N + 1] if bias32 is not None else None,
     )
 
 
@@ -438,14 +504,14 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, cfg):
         L = u.shape[-1]
-        LS = triton.cdiv(L, 16) * 16
-        uc, dc, zc = (_padded(t, LS, reverse) for t in (u, delta, z))
+        LS = cdiv(L, 16) * 16
+        uc, dc, zc = _padded((u, delta, z), LS, reverse)
         cfg = cfg or default_config(u.shape[0], u.shape[1])
         save = any(ctx.needs_input_grad[:8])
         T = _tile(u, cfg, save)
-        # B and C are converted anyway (`_tile_major`), so a reversed walk reads them reversed here
+        # B and C are converted anyway (`_tile_major`), so a reversed walk reads them reversed there
         Bg, Cg = (t.unsqueeze(1) if t.dim() == u.dim() else t for t in (B, C))
-        Bg, Cg = (_tile_major(t.flip(-1) if reverse else t, LS, T) for t in (Bg, Cg))
+        Bg, Cg = _tile_major(Bg, Cg, LS, T, reverse)
         A32, D32 = as_f32(A, u), (as_f32(D, u) if D is not None else None)
         b32 = as_f32(delta_bias, u) if delta_bias is not None else None
         flip = flip_run(reverse, T, u.element_size())
@@ -465,11 +531,13 @@ class _SelectiveScan(torch.autograd.Function):
         uc, dc, A32, Bg, Cg, D32, zc, b32, hs = ctx.saved_tensors
         softplus, cfg, L, T, flip, was_grouped, dtypes = ctx.meta
         dlast = rest[0] if rest else None
-        du, ddl, dA, dB, dC, dD, dz, db = _backward(
-            _padded(dout, uc.shape[-1], bool(flip)), dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, T,
+        du, ddl, dA, dBC, dD, dz, db = _backward(
+            _padded((dout,), uc.shape[-1], bool(flip))[0], dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, T,
             flip, cfg,
         )
-        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dB, dC, dD, db)
+        if dtypes[1] == dtypes[2]:
+            dBC = dBC.to(dtypes[1])  # one cast for both
+        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dBC[0], dBC[1], dD, db)
         return du, ddl, dA, dB, dC, dD, dz, db, None, None, None, None
 
 

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from mambascope.ssm.triton_common import (
     as_f32,
+    cdiv,
     chain_segments,
     check_device,
     delta_act,
@@ -465,7 +466,7 @@ def _row_carries(u, delta, A32, Bg, bias32, softplus, mask8, cfg):
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB))
-    n_cb = triton.cdiv(W, cfg.WB)
+    n_cb = cdiv(W, cfg.WB)
     rowc = torch.empty(batch, H, n_cb, N, dim, device=u.device, dtype=torch.float32)
     dummy = A32
     launch(_row_carry_kernel, (dim // BD, H, batch),
@@ -483,11 +484,11 @@ def _row_blocks(batch: int, n_dblk: int, n_cb: int, H: int, cfg: Scan2DConfig) -
     """(rows per block, blocks): the grid is cut into row blocks until there are about
     `cfg.programs` programs, but only into 4 or more (measured: a split into 2 or 3 costs its
     summary pass and gains too little parallelism); a block is a whole number of R rows."""
-    want = max(1, min(triton.cdiv(H, cfg.R), cfg.programs // max(1, batch * n_dblk * n_cb)))
+    want = max(1, min(cdiv(H, cfg.R), cfg.programs // max(1, batch * n_dblk * n_cb)))
     if want < 4:
         return H, 1
-    rows = triton.cdiv(triton.cdiv(H, want), cfg.R) * cfg.R
-    return rows, triton.cdiv(H, rows)
+    rows = cdiv(cdiv(H, want), cfg.R) * cfg.R
+    return rows, cdiv(H, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,9 +506,9 @@ class _BackwardGrid:
     @staticmethod
     def of(dim: int, dpg: int, H: int, W: int, cfg: Scan2DConfig) -> _BackwardGrid:
         CH = largest_pow2_divisor(dpg, cfg.CH)
-        n_chblk, n_cb, n_rb = dim // CH, triton.cdiv(W, cfg.WB_BWD), triton.cdiv(H, cfg.R)
+        n_chblk, n_cb, n_rb = dim // CH, cdiv(W, cfg.WB_BWD), cdiv(H, cfg.R)
         walk = max(1, min(cfg.walk, n_rb))
-        return _BackwardGrid(CH, n_chblk, n_cb, n_rb, walk, triton.cdiv(n_rb, walk))
+        return _BackwardGrid(CH, n_chblk, n_cb, n_rb, walk, cdiv(n_rb, walk))
 
 
 def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, grid, cfg):
@@ -517,7 +518,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, grid, cfg):
     G, N = Bg.shape[1], A32.shape[1]
     dpg = dim // G
     BD = largest_pow2_divisor(dpg, max(1, 128 // cfg.WB))
-    n_cb = triton.cdiv(W, cfg.WB)
+    n_cb = cdiv(W, cfg.WB)
     RH, n_rs = _row_blocks(batch, dim // BD, n_cb, H, cfg)
     n_sv, walk = (grid.n_sv, grid.walk) if grid else (1, 1)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -591,7 +592,7 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
         u, delta, A32, Bg, Cg, D32 if D32 is not None else dummy, zt, bt, mt, dout,
         hrl, htop, gbot, ghr,
         du, ddl, dz, dBCp[0], dBCp[1], par,
-        dim, dpg, G, H, W, WR, n_cb, n_rb, grid.n_sv, n_chblk, triton.cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
+        dim, dpg, G, H, W, WR, n_cb, n_rb, grid.n_sv, n_chblk, cdiv(W, cfg.WB), cfg.WB_BWD // cfg.WB,
         N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=grid.CH, HAS_D=D32 is not None, **flags, WALK=grid.walk,
         num_warps=cfg.warps_bwd,
     )
