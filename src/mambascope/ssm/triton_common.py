@@ -49,9 +49,14 @@ def as_f32(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def parameter_grads(dtypes: tuple, was_grouped: bool, dA, dB, dC, dD, dbias) -> tuple:
+def parameter_grads(dtypes: tuple, was_grouped: bool, dA, dBC, dD, dbias) -> tuple:
     """The autograd wrappers' gradients of (A, B, C, D, delta_bias): float32 results cast back to the
-    parameters' dtypes (None stays None); dB, dC lose the group axis the wrapper added."""
+    parameters' dtypes (None stays None). dB and dC come stacked, (2, batch, G, N, ...), and are cast
+    together when B and C share a dtype (one operation: at one bag a step the host sets the pace); they
+    lose the group axis the wrapper added."""
+    if dtypes[1] == dtypes[2]:
+        dBC = dBC.to(dtypes[1])
+    dB, dC = dBC[0], dBC[1]
     if not was_grouped:
         dB, dC = dB[:, 0], dC[:, 0]
     return tuple(g.to(t) if g is not None else None for g, t in zip((dA, dB, dC, dD, dbias), dtypes, strict=True))

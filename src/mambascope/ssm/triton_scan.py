@@ -313,7 +313,8 @@ def _padded(tensors: tuple[Tensor | None, ...], LS: int, flip: bool) -> list[Ten
     right, or on the left for a walk from the end (`flip`), so the walk's first L positions are the row's
     values. Tensors already in that form pass through; the rest are copied by one launch, at their
     strides (for unaligned bag lengths torch's pads were three operations each, NOTES_scan.md version 29)."""
-    todo = [t for t in tensors if t is not None and (t.shape[-1] != LS or not t.is_contiguous())]
+    needs = [t is not None and (t.shape[-1] != LS or not t.is_contiguous()) for t in tensors]
+    todo = [t for t, need in zip(tensors, needs, strict=True) if need]
     if not todo:
         return list(tensors)
     batch, dim, L = todo[0].shape
@@ -326,8 +327,8 @@ def _padded(tensors: tuple[Tensor | None, ...], LS: int, flip: bool) -> list[Ten
         BLOCK=BLOCK, LEFT=flip,
         num_warps=4,
     )
-    done = dict(zip(map(id, todo), padded, strict=True))
-    return [done.get(id(t), t) if t is not None else None for t in tensors]
+    copies = iter(padded)
+    return [next(copies) if need else t for t, need in zip(tensors, needs, strict=True)]
 
 
 def _unpadded(t: Tensor, L: int, flip: bool) -> Tensor:
@@ -535,9 +536,7 @@ class _SelectiveScan(torch.autograd.Function):
             _padded((dout,), uc.shape[-1], bool(flip))[0], dlast, uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, hs, L, T,
             flip, cfg,
         )
-        if dtypes[1] == dtypes[2]:
-            dBC = dBC.to(dtypes[1])  # one cast for both
-        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dBC[0], dBC[1], dD, db)
+        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dBC, dD, db)
         return du, ddl, dA, dB, dC, dD, dz, db, None, None, None, None
 
 

@@ -553,7 +553,7 @@ def _forward(u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, grid, cfg):
 
 def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl, htop, grid, cfg):
     """dout, u, delta and z (and du, ddelta, dz) at their own width WR, contiguous; B, C, the mask, the
-    saved states and dB, dC at the forward's padded width W."""
+    saved states and dB, dC (stacked, (2, batch, G, N, H, W)) at the forward's padded width W."""
     batch, dim, H, W = Bg.shape[0], u.shape[1], *Bg.shape[-2:]
     WR = u.shape[-1]
     G, N = Bg.shape[1], A32.shape[1]
@@ -596,10 +596,10 @@ def _backward(dout, u, delta, A32, Bg, Cg, D32, z, bias32, softplus, mask8, hrl,
         N=N, NP=NP, WB=cfg.WB_BWD, R=cfg.R, CH=grid.CH, HAS_D=D32 is not None, **flags, WALK=grid.walk,
         num_warps=cfg.warps_bwd,
     )
-    dB, dC = dBCp.view(2, batch, G, n_chblk // G, N, H, W).sum(3)
+    dBC = dBCp.view(2, batch, G, n_chblk // G, N, H, W).sum(3)
     dA, dD, db = par.sum(0).split([dim * N, dim, dim])
     return (
-        du, ddl, dA.view(dim, N), dB, dC,
+        du, ddl, dA.view(dim, N), dBC,
         dD if D32 is not None else None,
         dz if z is not None else None,
         db if bias32 is not None else None,
@@ -652,12 +652,10 @@ class _SelectiveScan2D(torch.autograd.Function):
         uc, dc, A32, Bg, Cg, D32, zc, b32, mask8, hrl, htop = ctx.saved_tensors
         softplus, cfg, grid, was_grouped, dtypes = ctx.meta
         pad = ctx.pad
-        du, ddl, dA, dB, dC, dD, dz, db = _backward(
+        du, ddl, dA, dBC, dD, dz, db = _backward(
             dout.contiguous(), uc, dc, A32, Bg, Cg, D32, zc, b32, softplus, mask8, hrl, htop, grid, cfg,
         )
-        if pad:
-            dB, dC = dB[..., :-pad], dC[..., :-pad]
-        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dB, dC, dD, db)
+        dA, dB, dC, dD, db = parameter_grads(dtypes, was_grouped, dA, dBC[..., :-pad] if pad else dBC, dD, db)
         return du, ddl, dA, dB, dC, dD, dz, db, None, None, None
 
 
