@@ -83,9 +83,11 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
     set_matmul_precision(args.matmul_precision)  # as `train mil --matmul-precision` does
     generator = torch.Generator().manual_seed(0)
     # coords stay on the host, as the training loop keeps them (mamba2d builds its grid there)
-    pool = [(torch.randn(args.patches, args.dim, generator=generator).to(device),
-             _lattice(args.patches, generator), torch.tensor([i % 2], device=device))
-            for i in range(args.pool)]
+    low, high = args.patches
+    lengths = torch.randint(low, high + 1, (args.pool,), generator=generator).tolist()
+    pool = [(torch.randn(n, args.dim, generator=generator).to(device),
+             _lattice(n, generator), torch.tensor([i % 2], device=device))
+            for i, n in enumerate(lengths)]
     model = create_model(name, in_dim=args.dim, num_classes=2, **args.model_args.get(name, {})).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as MILModule trains
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -121,8 +123,9 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
         windows.append((time.perf_counter() - start) / (min(first + WINDOW, timed) - first))
     seconds_per_bag = sorted(windows)[len(windows) // 2]
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        peak_kind = "GPU MiB (allocated)"
+        # reserved, not allocated: a replayed CUDA graph allocates nothing, its memory pool is only reserved
+        peak = torch.cuda.max_memory_reserved() / 2**20
+        peak_kind = "GPU MiB (reserved)"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak_kind = "process RSS MiB"
@@ -142,12 +145,18 @@ def _run_one(name: str, args: argparse.Namespace, queue) -> None:
                "peak_mib": peak, "peak_kind": peak_kind, "params": params, "timed_steps": timed})
 
 
+def _patch_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--bags", type=int, default=1000, help="bags per epoch")
-    parser.add_argument("--patches", type=int, default=8000, help="patches per bag")
+    parser.add_argument("--patches", type=_patch_range, default=(8000, 8000),
+                        help="patches per bag: N, or LOW:HIGH for pool bags of lengths drawn in that range")
     parser.add_argument("--dim", type=int, default=1024, help="feature width")
     parser.add_argument("--pool", type=int, default=4, help="distinct synthetic bags cycled through")
     parser.add_argument("--warmup", type=int, default=3)
@@ -169,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_each_in_process(args.models, _run_one, args)
 
     reference = next((r for r in results if r["model"] == REFERENCE), None)
-    print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {args.patches} x {args.dim}-d"
+    low, high = args.patches
+    lengths = f"{low}" if low == high else f"{low}-{high}"
+    print(f"MIL training cost on {args.device}: {args.bags} bags/epoch of {lengths} x {args.dim}-d"
           f"{' (bf16 autocast)' if args.bf16 else ''}; matmul precision {args.matmul_precision}; "
           f"peak = {results[0]['peak_kind'] if results else '-'}"
           f"{'; model args ' + json.dumps(args.model_args) if args.model_args else ''}; grids built "

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from mambascope.errors import DataError
-from mambascope.models import list_models
+from mambascope.models import create_model, list_models
 from mambascope.models.mil import MILOutput
 from mambascope.models.mil.grid import dense_ids, lattice_step, padded_size, patch_grid
-from mambascope.models.mil.mambamil import reorder_permutation
+from mambascope.models.mil.mambamil import (
+    SEQUENCE_MULTIPLE,
+    SEQUENCE_STEPS,
+    reorder_permutation,
+    sequence_layout,
+)
 from mambascope.train.mil_options import MIL_MODELS
 from mil_helpers import IN_DIM, lattice_coords, single_thread, small_model  # noqa: F401
 
@@ -164,6 +171,60 @@ def test_padded_size_ladder():
     for n in range(1, 3000):
         size = padded_size(n, 16)
         assert size % 16 == 0 and n <= size <= max(n + 15, n * 9 / 8)
+
+
+def test_bag_length_ladder():
+    """mambamil's bag lengths on a GPU: 256-multiples, 4 a doubling past 2048, at most 1/4 more."""
+    sizes = [padded_size(n, SEQUENCE_MULTIPLE, SEQUENCE_STEPS) for n in (1, 256, 257, 2048, 2049, 4097, 8001)]
+    assert sizes == [256, 256, 512, 2048, 2560, 5120, 8192]
+    for n in range(2049, 40000, 97):
+        size = padded_size(n, SEQUENCE_MULTIPLE, SEQUENCE_STEPS)
+        assert n <= size <= n * 5 / 4
+
+
+def test_mambamil_pads_bags_for_graphs_only_in_gpu_training_up_to_its_limit():
+    model = small_model("mambamil")
+    cuda = torch.device("cuda")  # only its type is read
+    assert model.graph_length(1000, cuda) == 1024
+    assert model.graph_length(8192, cuda) == 8192 and model.graph_length(8193, cuda) is None
+    assert model.graph_length(1000, torch.device("cpu")) is None
+    with torch.no_grad():
+        assert model.graph_length(1000, cuda) is None
+    assert create_model("mambamil", in_dim=IN_DIM, num_classes=2, cuda_graphs=0).graph_length(1000, cuda) is None
+    assert create_model("mambamil", in_dim=IN_DIM, num_classes=2, graph_max_length=4096).graph_length(5000, cuda) is None
+
+
+def test_sequence_layout_reorders_real_tokens_and_leaves_padding_last():
+    keep, order, unorder = sequence_layout(7, 10, 3, torch.device("cpu"))
+    assert keep.tolist() == [True] * 7 + [False] * 3
+    assert order.tolist() == [0, 3, 6, 1, 4, 2, 5, 7, 8, 9]
+    x = torch.arange(10)
+    assert torch.equal(x.index_select(0, order).index_select(0, unorder), x)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("rate", [1, 4])
+def test_mambamil_results_do_not_depend_on_bag_padding(bidirectional, rate):
+    """In GPU training a bag is padded at its end to a ladder length (`graph_length`); logits, scores and
+    every gradient are those of the unpadded bag (float64 on the CPU, the model told to pad). A walk from
+    the end (bidirectional) would start in the padding if its Δ were not zeroed there."""
+    torch.manual_seed(rate)
+    tight = create_model("mambamil", in_dim=IN_DIM, num_classes=3, dim=16, depth=2, d_state=4, attn_dim=16,
+                         reorder_rate=rate, bidirectional=bidirectional, dropout=0.0).double()
+    padded = copy.deepcopy(tight)
+    padded.graph_length = lambda length, device: 48
+    features = torch.randn(37, IN_DIM, dtype=torch.float64)
+    results = []
+    for model in (tight, padded):
+        out = model(features)
+        (out.logits.square().sum() + (out.scores * torch.arange(37)).sum()).backward()
+        results.append((out.logits, out.scores, [p.grad for p in model.parameters()]))
+    (logits, scores, grads), (logits_p, scores_p, grads_p) = results
+    assert scores_p.shape == (37,)
+    torch.testing.assert_close(logits_p, logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(scores_p, scores, rtol=0, atol=1e-12)
+    for g, g_p in zip(grads, grads_p, strict=True):
+        torch.testing.assert_close(g_p, g, rtol=0, atol=1e-12)
 
 
 def test_mamba2d_results_do_not_depend_on_grid_padding():

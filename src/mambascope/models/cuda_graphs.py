@@ -89,6 +89,7 @@ class CudaGraphCache:
         self._graphs: dict[tuple, _Graphs] = {}
         self._seen: collections.Counter = collections.Counter()
         self._pool = None
+        self._stream: torch.cuda.Stream | None = None
         self._param_addresses: tuple[int, ...] = ()
         self._waiting: Callable[[], _Token | None] = lambda: None
 
@@ -163,8 +164,11 @@ class CudaGraphCache:
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+            # one side stream for every capture: the caching allocator hands a freed block only to the
+            # stream that allocated it, so captures on fresh streams could not reuse each other's memory
+            # in the shared pool, and it grew with every graph
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # one eager pass on the capture stream first: libraries set up per stream (cuBLAS

@@ -17,6 +17,10 @@ from torch import Tensor, nn
 
 from mambascope.ssm.dispatch import depthwise_conv_silu, selective_scan, selective_scan_2d
 
+#: Δ's pre-activation on padding: softplus of it (plus any bias) is exactly 0 in every dtype, and so is
+#: its gradient
+PADDING_DELTA = -1e4
+
 
 def resolve_dt_rank(d_model: int, dt_rank: int | str) -> int:
     """`"auto"` is ceil(d_model / 16), Mamba's low-rank Δ projection."""
@@ -107,31 +111,41 @@ class Mamba(nn.Module):
         return conv, x_proj, dt_projection(self.dt_rank, self.d_inner, dt_min, dt_max)
 
     def _scan_path(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                   A_log: Tensor, D: Tensor, reverse: bool) -> Tensor:
+                   A_log: Tensor, D: Tensor, reverse: bool, keep: Tensor | None = None) -> Tensor:
         """One direction: (B, d_inner, L) x and gate z -> gated scan output (B, d_inner, L), walking
         from the end when `reverse` (the conv then looks ahead instead of back: the same function as
-        flipping x in and the output back, without the copies)."""
+        flipping x in and the output back, without the copies). A walk from the end starts past the
+        padding (`keep` False): its conv inputs are zeroed and its Δ made 0, so the state leaves it as
+        it entered, zero."""
         L = x.shape[-1]
         if reverse:
+            if keep is not None:
+                x = x * keep
             x = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=self.d_conv - 1, groups=self.d_inner)[..., -L:]
         else:
             x = conv(x)[..., :L]  # causal: drop the right padding
         x = F.silu(x)
         dt, B, C = channel_product(x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = channel_product(dt_proj.weight, dt)
+        if reverse and keep is not None:
+            delta = delta.masked_fill(~keep, PADDING_DELTA)
         return selective_scan(
-            x, channel_product(dt_proj.weight, dt), -torch.exp(A_log.float()), B, C, D.float(), z,
+            x, delta, -torch.exp(A_log.float()), B, C, D.float(), z,
             delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse, backend=self.backend,
         )
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, keep: Tensor | None = None) -> Tensor:
+        """`keep`: (L,) bool, False on padding at the end of every sequence of the batch. Outputs there
+        are not meaningful; elsewhere they are those of the unpadded sequences (a forward walk reaches the
+        padding last; a walk from the end passes it unchanged)."""
         # The projections are (out, in) x (batch, in, L) products (`channel_product`), so x, z, Δ, B and C
         # come out channel-first, the layout of the conv and the scan, with no layout copies (at one bag
         # a step, as MIL trains, each copy and its gradient are host time)
         x, z = channel_product(self.in_proj.weight, hidden.transpose(1, 2)).chunk(2, dim=1)
-        y = self._scan_path(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.reverse)
+        y = self._scan_path(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.reverse, keep)
         if self.bidirectional:
             y = y + self._scan_path(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                                    not self.reverse)
+                                    not self.reverse, keep)
         return y.transpose(1, 2) @ self.out_proj.weight.t()
 
 

@@ -146,15 +146,16 @@ def _axis_positions(values: np.ndarray, step: int) -> np.ndarray:
     return compact[ids]
 
 
-def padded_size(n: int, multiple: int) -> int:
-    """n rounded up to a multiple of `multiple`, with the step doubling each time n passes sixteen steps
-    (for 16: 16, 32, ..., 256, 288, ..., 512, 576, ...), or n itself for 1. Grids of similar slides then
-    share fewer shapes, each side at most 1/8 longer: the GPU replays a captured mamba2d layer per shape
-    (`models.cuda_graphs`), and its 2D scan wants rows 16-aligned."""
+def padded_size(n: int, multiple: int, steps: int = 16) -> int:
+    """n rounded up to a multiple of `multiple`, with the step doubling each time n passes `steps` steps
+    (for 16 and 16 steps: 16, 32, ..., 256, 288, ..., 512, 576, ...), or n itself for 1. Sizes of similar
+    slides then repeat, each at most 2/`steps` longer than n: the GPU replays a captured model per
+    shape (`models.cuda_graphs`; mamba2d's grid sides, mambamil's bag lengths), and the 2D scan wants
+    rows 16-aligned."""
     if multiple == 1:
         return n
     step = multiple
-    while n > 16 * step:
+    while n > steps * step:
         step *= 2
     return -(-n // step) * step
 
