@@ -15,7 +15,6 @@ from mambascope.models.mil.grid import dense_ids, lattice_step, padded_size, pat
 from mambascope.models.mil.mambamil import (
     SEQUENCE_MULTIPLE,
     SEQUENCE_STEPS,
-    reorder_permutation,
     sequence_layout,
 )
 from mambascope.train.mil_options import MIL_MODELS
@@ -124,11 +123,11 @@ def test_dense_ids_match_unique(values):
     assert ids.tolist() == expected_ids.tolist()
 
 
-def test_reorder_permutation():
-    assert reorder_permutation(7, 3).tolist() == [0, 3, 6, 1, 4, 2, 5]
-    perm = reorder_permutation(1000, 10)
-    assert sorted(perm.tolist()) == list(range(1000))
-    assert perm[:3].tolist() == [0, 10, 20]
+def test_reorder_order_visits_every_position():
+    keep, order, unorder = sequence_layout(1000, 1000, 10, torch.device("cpu"))
+    assert sorted(order.tolist()) == list(range(1000)) and bool(keep.all())
+    assert order[:3].tolist() == [0, 10, 20] and order[100].item() == 1
+    assert torch.equal(order[unorder], torch.arange(1000))
 
 
 @pytest.mark.parametrize("name", MIL_MODELS)

@@ -26,12 +26,8 @@ from mambascope.models.registry import register_model
 SEQUENCE_MULTIPLE, SEQUENCE_STEPS = 256, 8
 
 
-def reorder_permutation(length: int, rate: int, device: torch.device | None = None) -> torch.Tensor:
-    """Positions of the rate-R reordering: 0, R, 2R, ..., then 1, R+1, ..., (any length, no padding)."""
-    return torch.from_numpy(_reorder(length, rate)).to(device)
-
-
 def _reorder(length: int, rate: int) -> np.ndarray:
+    """Positions of the rate-R reordering: 0, R, 2R, ..., then 1, R+1, ..., (any length)."""
     return np.concatenate([np.arange(start, length, rate) for start in range(min(rate, length))])
 
 
