@@ -88,22 +88,28 @@ def _assert_same_grads(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert p.grad is not None and torch.equal(p.grad, q.grad), name
 
 
-@gpu
-def test_graphed_training_steps_equal_eager_ones_over_changing_grid_shapes():
-    graphed, eager = _twins(depth=2)
+def _assert_twins_train_alike(graphed: torch.nn.Module, eager: torch.nn.Module, step_losses: list) -> None:
+    """One AdamW step of each twin per entry of `step_losses` (model -> loss): the losses and gradients
+    are equal bit for bit at every step."""
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (graphed, eager)]
-    bags = _bags([300, 300, 90, 300, 90, 90, 300])
-    assert (bags[0][2].height, bags[0][2].width) != (bags[2][2].height, bags[2][2].width)
-    for step, bag in enumerate(bags):
+    for step, loss_of in enumerate(step_losses):
         losses = []
         for model, optimizer in zip((graphed, eager), optimizers, strict=True):
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, bag)
+            loss = loss_of(model)
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
         assert torch.equal(losses[0], losses[1]), step
         _assert_same_grads(graphed, eager)
+
+
+@gpu
+def test_graphed_training_steps_equal_eager_ones_over_changing_grid_shapes():
+    graphed, eager = _twins(depth=2)
+    bags = _bags([300, 300, 90, 300, 90, 90, 300])
+    assert (bags[0][2].height, bags[0][2].width) != (bags[2][2].height, bags[2][2].width)
+    _assert_twins_train_alike(graphed, eager, [lambda model, bag=bag: _loss(model, bag) for bag in bags])
     # both shapes were captured on their second sighting (steps 1 and 4) and replayed since
     assert graphed.graphs.num_graphs == 2
 
@@ -234,20 +240,17 @@ def test_graphed_mambamil_steps_equal_eager_ones_over_changing_bag_lengths(bidir
     """Bags are padded to ladder lengths (300 -> 512, 700 -> 768, 3000 -> 3072), one graph pair each;
     under bf16 autocast too."""
     graphed, eager = _mambamil_twins(bidirectional)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (graphed, eager)]
-    lengths = [300, 300, 700, 300, 700, 3000, 3000, 3000, 3000]
-    for step, n in enumerate(lengths):
+
+    def step_loss(step: int, n: int):
         features, label = torch.randn(n, IN_DIM, device="cuda"), torch.tensor([step % 3], device="cuda")
-        losses = []
-        for model, optimizer in zip((graphed, eager), optimizers, strict=True):
-            optimizer.zero_grad(set_to_none=True)
+
+        def loss_of(model):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=step >= 7):
-                loss = _bag_loss(model, features, label)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        assert torch.equal(losses[0], losses[1]), step
-        _assert_same_grads(graphed, eager)
+                return _bag_loss(model, features, label)
+        return loss_of
+
+    lengths = [300, 300, 700, 300, 700, 3000, 3000, 3000, 3000]
+    _assert_twins_train_alike(graphed, eager, [step_loss(step, n) for step, n in enumerate(lengths)])
     # each captured at its second sighting: 512, 768, and 3072 in fp32 and again under autocast
     assert graphed.graphs.num_graphs == 4
 

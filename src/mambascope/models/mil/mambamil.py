@@ -59,7 +59,7 @@ class SRMambaLayer(nn.Module):
         self.mamba_sr = (Mamba(dim, d_state=d_state, bidirectional=bidirectional, backend=backend)
                          if reorder_rate > 1 else None)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, order: torch.Tensor,
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, order: torch.Tensor,
                 unorder: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         y = self.mamba(h, keep)
@@ -110,13 +110,15 @@ class MambaMIL(nn.Module):
         keep, order, unorder = sequence_layout(length, padded or length, self.reorder_rate, features.device)
         if padded is not None and padded > length:
             features = F.pad(features, (0, 0, 0, padded - length))
-        inputs = (features, keep, order, unorder)
-        logits, weights = self.graphs(self, self._on_sequence, *inputs) if padded else self._on_sequence(*inputs)
+        if padded is None:  # eager and unpadded: nothing to mask
+            logits, weights = self._on_sequence(features, None, order, unorder)
+        else:
+            logits, weights = self.graphs(self, self._on_sequence, features, keep, order, unorder)
         return MILOutput(logits=logits, scores=weights[:length])
 
-    def _on_sequence(self, features: torch.Tensor, keep: torch.Tensor, order: torch.Tensor,
+    def _on_sequence(self, features: torch.Tensor, keep: torch.Tensor | None, order: torch.Tensor,
                      unorder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and per-token attention weights (0 on padding) of a (padded) bag."""
+        """Logits and per-token attention weights (0 on padding) of a bag, padded where `keep` is given."""
         h = self.embed(features).unsqueeze(0)
         for layer in self.layers:
             h = layer(h, keep, order, unorder)
