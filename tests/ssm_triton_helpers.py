@@ -18,7 +18,7 @@ import torch
 CASE_NAMES = (
     "1d_grouped_all_options", "1d_plain_segments", "1d_length_one", "1d_bare", "1d_bf16", "1d_fp16", "1d_bf16_tile16",
     "1d_dispatch", "1d_reverse_all_options", "1d_reverse_bf16_tile16", "1d_strided_bc_reverse", "2d_mask_nonsquare", "2d_grouped", "2d_single_cell", "2d_aligned_width", "2d_padding_ignored", "2d_bare", "2d_walk_memory",
-    "dwconv_3x3", "dwconv_5x5_bf16",
+    "dwconv_3x3", "dwconv_5x5_bf16", "dwconv1d_causal", "dwconv1d_reverse", "dwconv1d_reverse_bf16",
 )
 
 
@@ -63,21 +63,29 @@ def compare(fn, ref, inputs):
     return out
 
 
-def dwconv_case(gen, shape: tuple[int, ...], kernel: int, dtype: torch.dtype) -> dict:
-    """The fused depthwise conv + SiLU against PyTorch's conv and SiLU in float64: output and gradients."""
+def dwconv_case(gen, shape: tuple[int, ...], kernel: int, dtype: torch.dtype, reverse: bool = False) -> dict:
+    """The fused depthwise conv + SiLU against PyTorch's conv and SiLU in float64: output and gradients.
+    Planes (B, C, H, W) get the "same" K×K conv; sequences (B, C, L) Mamba's causal conv, or with `reverse`
+    the conv of a walk from the end (PyTorch: the sequence flipped in and out)."""
     import torch.nn.functional as F
 
     from mambascope.ssm.triton_dwconv import depthwise_conv_silu_triton
 
-    channels = shape[1]
+    channels, planes = shape[1], len(shape) == 4
     x = torch.randn(shape, generator=gen).to(dtype)
-    w, b = torch.randn(channels, 1, kernel, kernel, generator=gen) * 0.3, torch.randn(channels, generator=gen)
+    w = torch.randn(channels, 1, *(kernel,) * (2 if planes else 1), generator=gen) * 0.3
+    b = torch.randn(channels, generator=gen)
     dy = torch.randn(shape, generator=gen).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    out = depthwise_conv_silu_triton(*leaves)
+    out = depthwise_conv_silu_triton(*leaves, reverse=reverse)
     out.backward(dy)
     wide = [t.double().requires_grad_() for t in (x, w, b)]
-    ref = F.silu(F.conv2d(wide[0], wide[1], wide[2], padding=kernel // 2, groups=channels))
+    if planes:
+        ref = F.silu(F.conv2d(wide[0], wide[1], wide[2], padding=kernel // 2, groups=channels))
+    else:
+        seq = wide[0].flip(-1) if reverse else wide[0]
+        ref = F.silu(F.conv1d(seq, wide[1], wide[2], padding=kernel - 1, groups=channels)[..., : shape[-1]])
+        ref = ref.flip(-1) if reverse else ref
     ref.backward(dy.double())
     result = {"out0": rel(out, ref)}
     result.update({key: rel(leaf.grad, w64.grad) for key, leaf, w64 in zip(("dx", "dw", "db"), leaves, wide, strict=True)})
@@ -96,6 +104,10 @@ def run_case(name: str) -> dict:
         return dwconv_case(gen, (2, 3, 37, 70), 3, torch.float32)
     if name == "dwconv_5x5_bf16":
         return dwconv_case(gen, (1, 2, 5, 7), 5, torch.bfloat16)
+    if name in ("dwconv1d_causal", "dwconv1d_reverse"):  # three 512-position blocks, the last partial
+        return dwconv_case(gen, (2, 3, 1100), 4, torch.float32, reverse=name == "dwconv1d_reverse")
+    if name == "dwconv1d_reverse_bf16":
+        return dwconv_case(gen, (1, 2, 9), 4, torch.bfloat16, reverse=True)
     # T=4 tiles, 2 channels a program, few programs wanted: short sequences still get several tiles,
     # several segments (the summary + chain path) and several backward channel blocks.
     cfg1 = Scan1DConfig(T=4, BD=2, programs=8, warps=1, BD_BWD=2, warps_bwd=1)

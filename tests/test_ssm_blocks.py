@@ -231,20 +231,33 @@ def test_mamba_learns_to_recall_the_first_token():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused conv runs on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mamba2d_conv_on_a_gpu_is_fused_and_matches_pytorch(dtype):
-    """On CUDA tensors Mamba2D's depthwise conv + SiLU is one Triton kernel each way; its output and
-    gradients are PyTorch's conv and SiLU (float64) within rounding, on a grid of several tiles."""
+@pytest.mark.parametrize("kind", ["2d", "1d", "1d_reverse"])
+def test_conv_before_the_scan_on_a_gpu_is_fused_and_matches_pytorch(dtype, kind):
+    """On CUDA tensors the depthwise conv + SiLU in front of the scans (Mamba2D's "same" 3×3, Mamba's
+    causal conv of width 4 and its look-ahead mirror) is one Triton kernel each way; its output and
+    gradients are PyTorch's conv and SiLU (float64) within rounding, over several tiles."""
     from mambascope.ssm.dispatch import depthwise_conv_silu
 
-    conv = nn.Conv2d(24, 24, 3, padding="same", groups=24).cuda()
-    x = torch.randn(2, 24, 45, 131, device="cuda").to(dtype).requires_grad_()
+    if kind == "2d":
+        conv = nn.Conv2d(24, 24, 3, padding="same", groups=24).cuda()
+        x = torch.randn(2, 24, 45, 131, device="cuda")
+    else:
+        conv = nn.Conv1d(24, 24, 4, padding=3, groups=24).cuda()
+        x = torch.randn(2, 24, 1500, device="cuda")
+    x = x.to(dtype).requires_grad_()
     dy = torch.randn(x.shape, device="cuda").to(dtype)
-    fused = depthwise_conv_silu(conv, x)
+    reverse = kind == "1d_reverse"
+    fused = depthwise_conv_silu(conv, x, reverse=reverse)
     assert fused.grad_fn is not None and "DepthwiseConvSiLU" in type(fused.grad_fn).__name__
     grads = torch.autograd.grad(fused, (x, conv.weight, conv.bias), dy)
     wide = conv.double()
     x64 = x.detach().double().requires_grad_()
-    ref = F.silu(wide(x64))
+    if kind == "2d":
+        ref = F.silu(wide(x64))
+    else:  # Mamba's causal conv; a walk from the end is the causal conv of the flipped sequence, flipped back
+        seq = x64.flip(-1) if reverse else x64
+        ref = F.silu(wide(seq)[..., : x.shape[-1]])
+        ref = ref.flip(-1) if reverse else ref
     expected = torch.autograd.grad(ref, (x64, wide.weight, wide.bias), dy.double())
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     for got, want in zip((fused, *grads), (ref, *expected), strict=True):

@@ -203,10 +203,15 @@ def test_launch_hooks_are_seen():
     assert triton_common._no_launch_hooks()
 
 
-def test_fused_depthwise_conv_silu_matches_pytorch(interpreted):
-    """The Triton depthwise conv + bias + SiLU of Mamba2D on a GPU: output and the gradients of input,
-    weight and bias against PyTorch's conv2d and SiLU in float64."""
-    exact, rounded = interpreted["dwconv_3x3"], interpreted["dwconv_5x5_bf16"]
+@pytest.mark.parametrize("exact, rounded", [
+    ("dwconv_3x3", "dwconv_5x5_bf16"), ("dwconv1d_causal", "dwconv1d_reverse_bf16"),
+    ("dwconv1d_reverse", "dwconv1d_reverse_bf16"),
+])
+def test_fused_depthwise_conv_silu_matches_pytorch(interpreted, exact, rounded):
+    """The Triton depthwise conv + bias + SiLU in front of the scans on a GPU (Mamba2D's "same" K×K conv,
+    Mamba's causal 1D conv and its mirror for walks from the end): output and the gradients of input,
+    weight and bias against PyTorch's conv and SiLU in float64."""
+    exact, rounded = interpreted[exact], interpreted[rounded]
     assert set(_errors(exact)) == {"out0", "dx", "dw", "db"}
     assert max(_errors(exact).values()) < 1e-5, exact
     assert max(_errors(rounded).values()) < 1e-2, rounded

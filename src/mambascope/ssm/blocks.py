@@ -114,17 +114,13 @@ class Mamba(nn.Module):
                    A_log: Tensor, D: Tensor, reverse: bool, keep: Tensor | None = None) -> Tensor:
         """One direction: (B, d_inner, L) x and gate z -> gated scan output (B, d_inner, L), walking
         from the end when `reverse` (the conv then looks ahead instead of back: the same function as
-        flipping x in and the output back, without the copies). A walk from the end starts past the
+        flipping x in and the output back, without the copies; on a GPU conv, bias and SiLU are one
+        Triton kernel, `depthwise_conv_silu`). A walk from the end starts past the
         padding (`keep` False): its conv inputs are zeroed and its Δ made 0, so the state leaves it as
         it entered, zero."""
-        L = x.shape[-1]
-        if reverse:
-            if keep is not None:
-                x = x * keep
-            x = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=self.d_conv - 1, groups=self.d_inner)[..., -L:]
-        else:
-            x = conv(x)[..., :L]  # causal: drop the right padding
-        x = F.silu(x)
+        if reverse and keep is not None:
+            x = x * keep
+        x = depthwise_conv_silu(conv, x, self.backend, reverse=reverse)
         dt, B, C = channel_product(x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = channel_product(dt_proj.weight, dt)
         if reverse and keep is not None:

@@ -3,8 +3,8 @@
 `selective_scan` / `selective_scan_2d` check their arguments once, pick a backend (`backend="auto"`:
 mamba-ssm's CUDA kernel for 1D CUDA tensors when installed, else the Triton kernels on CUDA, else the
 chunked `torch` scan) and call it. Backends that need optional packages are imported only when chosen.
-`depthwise_conv_silu`, the conv in front of the 2D scan, follows the same choice between Triton and
-PyTorch.
+`depthwise_conv_silu`, the conv in front of a scan (Mamba's 1D, Mamba2D's 2D), follows the same choice
+between Triton and PyTorch.
 """
 
 from __future__ import annotations
@@ -154,14 +154,24 @@ def selective_scan_2d(
     return selective_scan_2d_triton(*args)
 
 
-def depthwise_conv_silu(conv: nn.Conv2d, x: Tensor, backend: str = "auto") -> Tensor:
-    """SiLU(conv(x)) for a depthwise, odd-sized, "same"-padded `conv`: one fused Triton kernel each way
-    where the 2D scan's backend resolves to Triton (`ssm.triton_dwconv`), PyTorch's ops else."""
-    odd = conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
-    fused = (conv.groups == conv.in_channels == conv.out_channels and odd and conv.bias is not None
-             and conv.padding == "same" and x.dim() == 4 and resolve_backend(backend, x, two_d=True) == "triton")
-    if not fused:
-        return F.silu(conv(x))
-    from mambascope.ssm.triton_dwconv import depthwise_conv_silu_triton
+def depthwise_conv_silu(conv: nn.Conv1d | nn.Conv2d, x: Tensor, backend: str = "auto", reverse: bool = False) -> Tensor:
+    """SiLU(conv(x)) for the depthwise conv in front of a scan: a Conv2d with an odd "same" kernel (Mamba2D),
+    or Mamba's causal Conv1d (padding K - 1, the first L outputs kept; with `reverse`, the conv of a walk
+    from the end: the flipped kernel, the last L outputs). One fused Triton kernel each way where the
+    scan's backend resolves to Triton (`ssm.triton_dwconv`), PyTorch's ops else."""
+    depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.bias is not None
+    if isinstance(conv, nn.Conv2d):
+        odd = conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
+        fits = odd and conv.padding == "same" and x.dim() == 4
+    else:
+        fits = conv.padding == (conv.kernel_size[0] - 1,) and x.dim() == 3
+    if depthwise and fits and resolve_backend(backend, x, two_d=x.dim() == 4) == "triton":
+        from mambascope.ssm.triton_dwconv import depthwise_conv_silu_triton
 
-    return depthwise_conv_silu_triton(x, conv.weight, conv.bias)
+        return depthwise_conv_silu_triton(x, conv.weight, conv.bias, reverse=reverse)
+    if x.dim() == 4:
+        return F.silu(conv(x))
+    L = x.shape[-1]
+    if reverse:
+        return F.silu(F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=conv.padding, groups=conv.groups)[..., -L:])
+    return F.silu(conv(x)[..., :L])
