@@ -7,7 +7,10 @@ Needs a GPU (the fused kernels are Triton's). Shapes are the convs the models ru
 - Mamba's causal 1D conv of width 4 on MambaMIL bags (1 × 1024 channels × 2,000 or 8,000 patches) and on a
   long batch of sequences (2 × 384 × 32,768), walked from the start and from the end (`reverse`: the
   look-ahead conv of a bidirectional block);
-- Mamba2D's 3 × 3 "same" conv on a 2DMamba-MIL grid (256 channels, 128 × 128 cells).
+- the 3 × 3 "same" conv of Mamba2D on a 2DMamba-MIL grid (256 channels, 128 × 128 cells), and two shapes
+  of SS2D's conv, which stays on PyTorch (its rows show why: on 56-wide planes the fused backward gains
+  little): Microscopic-Mamba's first stage (16 images × 4 chunks, 24 channels, 56 × 56) and a VMamba-T-sized
+  first stage (16 × 192 × 56 × 56).
 
 Both are reached through `depthwise_conv_silu` with the backend `torch` (PyTorch's conv, the slice or flip
 around it for the 1D walks, then SiLU) or `triton` (one kernel forward, two backward), in float32 and under
@@ -28,7 +31,7 @@ from torch import nn
 from mambascope.ssm.dispatch import depthwise_conv_silu
 
 SHAPES_1D = ((1, 1024, 2000), (1, 1024, 8000), (2, 384, 32768))
-SHAPES_2D = ((1, 256, 128, 128),)
+SHAPES_2D = ((1, 256, 128, 128), (64, 24, 56, 56), (16, 192, 56, 56))
 
 
 def replay_ms(fn, replays: int = 50) -> float:
