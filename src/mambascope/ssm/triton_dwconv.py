@@ -47,6 +47,14 @@ class ConvGeometry:
 
 
 @triton.jit
+def _tap(rows, cols, i: tl.constexpr, j: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr, MIRRORED: tl.constexpr):
+    """Row and column (broadcast to the tile) that tap (i, j) reads for each output cell."""
+    if MIRRORED:
+        return rows[:, None] - (i - OH), cols[None, :] - (j - OW)
+    return rows[:, None] + (i - OH), cols[None, :] + (j - OW)
+
+
+@triton.jit
 def _conv_tile(src_ptr, w_ptr, channel, rows, cols, H, W, KH: tl.constexpr, KW: tl.constexpr,
                OH: tl.constexpr, OW: tl.constexpr, MIRRORED: tl.constexpr):
     """Σ_ij w[i, j] src[row + s(i - OH), col + s(j - OW)] over one plane (zero outside it), float32."""
@@ -58,14 +66,6 @@ def _conv_tile(src_ptr, w_ptr, channel, rows, cols, H, W, KH: tl.constexpr, KW: 
             value = tl.load(src_ptr + r * W + c, mask=inside, other=0.0).to(tl.float32)
             acc += tl.load(w_ptr + channel * KH * KW + i * KW + j) * value
     return acc
-
-
-@triton.jit
-def _tap(rows, cols, i: tl.constexpr, j: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr, MIRRORED: tl.constexpr):
-    """Row and column (broadcast to the tile) that tap (i, j) reads for each output cell."""
-    if MIRRORED:
-        return rows[:, None] - (i - OH), cols[None, :] - (j - OW)
-    return rows[:, None] + (i - OH), cols[None, :] + (j - OW)
 
 
 @triton.jit
