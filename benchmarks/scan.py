@@ -1,6 +1,6 @@
 """Time the selective-scan backends side by side and check them against float64.
 
-    python benchmarks/scan.py --device cuda [--build-mamba-ssm] [--sweep] [--json out.json]
+    python benchmarks/scan.py --device cuda [--build-mamba-ssm] [--sweep] [--gpu-time] [--json out.json]
     python benchmarks/scan.py --device cpu
     python benchmarks/scan.py --device cuda --host   # short bags, eager: host against wall time
 
@@ -8,12 +8,14 @@ Shapes are the issue's: WSI-like 1D scans (batch 1, dim 1024, L 16k–64k, N 16,
 two batched shapes) and 2D grids (217×387 dim 256, 128×128 dim 256, 256×256 dim 512; fp32, N 16,
 B and C shared by all channels, a tissue-like mask). Every backend present is timed forward and
 forward+backward (median of CUDA-event timings; on CUDA the backends take turns for --rounds rounds,
-and each number is the median over the rounds), with its peak extra memory; on CUDA the Triton
-kernels are first checked on every shape against a float64 computation with fresh random inputs and
-outputs poisoned with NaN beforehand. Ratios are against mamba-ssm measured in the same run when it
-is available (installed, or built here with --build-mamba-ssm from the sdist in .whl/), else against
-the issue's quoted H100 numbers, marked "quoted". The 2D rows also time mamba-ssm's (or Triton's) 1D
-scan over the same number of tokens, and compare with the quoted 2DMamba CUDA kernel.
+and each number is the median over the rounds), with its peak extra memory, and with --gpu-time the
+forward+backward's GPU time (its kernels summed by the profiler, which the host's pace does not move).
+On CUDA the Triton kernels are first checked on every shape against a float64 computation with fresh
+random inputs and outputs poisoned with NaN beforehand. Ratios are against mamba-ssm measured in the
+same run when it is available (installed, or built here with --build-mamba-ssm from the sdist in
+.whl/), else against the issue's quoted H100 numbers, marked "quoted". The 2D rows also time
+mamba-ssm's (or Triton's) 1D scan over the same number of tokens, and compare with the quoted 2DMamba
+CUDA kernel.
 
 On CPU only the reference (tiny shape) and torch backends run; the headline is the torch backend's
 batch 1, dim 256, L 16384 forward time.
@@ -70,6 +72,7 @@ class Row:
     err_fwd: float | None = None
     err_grad: float | None = None
     note: str = ""
+    gpu_fwdbwd_ms: float | None = None
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -276,15 +279,34 @@ def forward_backward(f, inputs):
     return lambda: torch.autograd.grad(f(leaves_of), leaves, grad)
 
 
-def measure(f, inputs, device, backward=True, reps=5):
-    """(fwd ms, fwd+bwd ms, peak extra MiB over the inputs for one fwd+bwd)."""
+def gpu_ms(step, reps: int = 10) -> float:
+    """Milliseconds of GPU work in one call of `step`: its kernels' durations summed (torch profiler),
+    without the host's time between launches. Why: a forward+backward of the headline 1D shape is about
+    1.4 ms of kernels, close to what the Python wrapper, autograd and the launches take on the host, so
+    its CUDA-event time moved with the host (1.38-1.87 ms in one process) while its kernels did not
+    (NOTES_scan.md, version 32)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / reps / 1e3
+
+
+def measure(f, inputs, device, backward=True, reps=5, gpu_time=False):
+    """(fwd ms, fwd+bwd ms, peak extra MiB over the inputs for one fwd+bwd, fwd+bwd GPU ms with
+    `gpu_time` on CUDA else None)."""
     with torch.no_grad():
         fwd = bench(lambda: f(inputs), device, reps)
     if not backward:
-        return fwd, None, None
+        return fwd, None, None, None
     step = forward_backward(f, inputs)
     both = bench(step, device, reps)
-    peak = None
+    peak = gpu = None
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -292,19 +314,27 @@ def measure(f, inputs, device, backward=True, reps=5):
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd, both, peak
+        if gpu_time:
+            gpu = gpu_ms(step)
+    return fwd, both, peak, gpu
 
 
-def measure_alternated(cands: list, rounds: int) -> dict:
-    """{name: (fwd ms, fwd+bwd ms, peak MiB)} for (name, f, inputs) candidates on CUDA, each measured
-    `rounds` times in turn, the order reversed every other round, and the median of each kept. Why: a
-    shape's first timing, right after its float64 check, has come out up to 45% slow (NOTES_scan.md,
-    version 28); the median drops such a round, and taking turns gives every backend the same drift."""
+def measure_alternated(cands: list, rounds: int, gpu_time: bool = False) -> dict:
+    """{name: (fwd ms, fwd+bwd ms, peak MiB, fwd+bwd GPU ms or None)} for (name, f, inputs) candidates on
+    CUDA, each measured `rounds` times in turn, the order reversed every other round, and the median of
+    each kept. Why: a shape's first timing, right after its float64 check, has come out up to 45% slow
+    (NOTES_scan.md, version 28); the median drops such a round, and taking turns gives every backend the
+    same drift."""
     runs: dict[str, list] = {name: [] for name, _, _ in cands}
     for r in range(rounds):
         for name, f, inputs in (cands if r % 2 == 0 else cands[::-1]):
-            runs[name].append(measure(f, inputs, "cuda"))
-    return {name: tuple(sorted(x[k] for x in got)[len(got) // 2] for k in range(3)) for name, got in runs.items()}
+            runs[name].append(measure(f, inputs, "cuda", gpu_time=gpu_time))
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return sorted(values)[len(values) // 2] if values else None
+
+    return {name: tuple(median([x[k] for x in got]) for k in range(4)) for name, got in runs.items()}
 
 
 def rel_err(a, b) -> float:
@@ -342,27 +372,27 @@ def run_cpu(rows):
     torch.manual_seed(0)
     tiny = inputs_1d(1, 64, 256, 16, torch.float32, "cpu", 0)
     for backend in ("reference", "torch"):
-        fwd, both, _ = measure(scan_1d(backend), tiny, "cpu", backward=backend != "reference", reps=3)
+        fwd, both, _, _ = measure(scan_1d(backend), tiny, "cpu", backward=backend != "reference", reps=3)
         rows.append(Row("1d", "1x64x256 N16", "fp32", backend, fwd, both))
     big = inputs_1d(1, 256, 16384, 16, torch.float32, "cpu", 1)
-    fwd, both, _ = measure(scan_1d("torch"), big, "cpu", backward=False, reps=5)
+    fwd, both, _, _ = measure(scan_1d("torch"), big, "cpu", backward=False, reps=5)
     rows.append(Row("1d", "1x256x16384 N16", "fp32", "torch", fwd, both, note="issue 3: fwd < 1000 ms on 2 cores"))
     tiny2 = inputs_2d(16, 24, 32, 16, torch.float32, "cpu", 2)
     for backend in ("reference", "torch"):
-        fwd, both, _ = measure(scan_2d(backend), tiny2, "cpu", backward=backend != "reference", reps=3)
+        fwd, both, _, _ = measure(scan_2d(backend), tiny2, "cpu", backward=backend != "reference", reps=3)
         rows.append(Row("2d", "16x24 dim32 N16", "fp32", backend, fwd, both))
     grid = inputs_2d(64, 64, 64, 16, torch.float32, "cpu", 3)
-    fwd, both, _ = measure(scan_2d("torch"), grid, "cpu", backward=False, reps=3)
+    fwd, both, _, _ = measure(scan_2d("torch"), grid, "cpu", backward=False, reps=3)
     rows.append(Row("2d", "64x64 dim64 N16", "fp32", "torch", fwd, both))
 
 
-def timed_rows(rows, kind, shape, dtype, cands, rounds, check) -> None:
+def timed_rows(rows, kind, shape, dtype, cands, rounds, check, gpu_time=False) -> None:
     """One row per (name, f, inputs) candidate, timed in turns (`measure_alternated`); the "triton" row
     carries the float64 check (error of the output, worst gradient error, passed)."""
     e_out, e_grad, ok = check
-    for name, (fwd, both, peak) in measure_alternated(cands, rounds).items():
-        checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else ()
-        rows.append(Row(kind, shape, dtype, name, fwd, both, peak, *checked))
+    for name, (fwd, both, peak, gpu) in measure_alternated(cands, rounds, gpu_time).items():
+        checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else (None, None, "")
+        rows.append(Row(kind, shape, dtype, name, fwd, both, peak, *checked, gpu_fwdbwd_ms=gpu))
 
 
 def run_gpu(args, rows, mamba_kind):
@@ -389,7 +419,7 @@ def run_gpu(args, rows, mamba_kind):
             cands.append(("mamba_ssm", mamba_on_dict(mamba_kind), inputs))
         if args.torch_gpu:
             cands.append(("torch", scan_1d("torch"), inputs))
-        timed_rows(rows, "1d", shape, dt, cands, args.rounds, (e_out, e_grad, ok))
+        timed_rows(rows, "1d", shape, dt, cands, args.rounds, (e_out, e_grad, ok), args.gpu_time)
         del inputs
         torch.cuda.empty_cache()
     ref2 = scan_2d("reference")
@@ -406,7 +436,7 @@ def run_gpu(args, rows, mamba_kind):
         cands = [("triton", scan_2d("triton"), inputs), ("triton-1d-same-tokens", scan_1d("triton"), flat)]
         if mamba_kind is not None:
             cands.append(("mamba_ssm-1d-same-tokens", mamba_on_dict(mamba_kind), flat))
-        timed_rows(rows, "2d", shape, "fp32", cands, args.rounds, (e_out, e_grad, ok))
+        timed_rows(rows, "2d", shape, "fp32", cands, args.rounds, (e_out, e_grad, ok), args.gpu_time)
         del inputs, flat
         torch.cuda.empty_cache()
 
@@ -465,7 +495,7 @@ def run_sweep(rows, only):
         inputs = make_inputs()
         for cfg in configs:
             try:
-                fwd, both, peak = measure(make_scan(cfg), inputs, "cuda")
+                fwd, both, peak, _ = measure(make_scan(cfg), inputs, "cuda")
             except Exception as e:  # a configuration that does not compile is reported, not fatal
                 print(f"sweep {kind}", cfg, "failed:", repr(e)[:200])
                 continue
@@ -523,9 +553,12 @@ def fmt(x, digits=3):
 
 def print_table(rows, quoted_only):
     by_key = {(r.kind, r.shape, r.dtype, r.backend): r for r in rows}
+    gpu = any(r.gpu_fwdbwd_ms is not None for r in rows)
     print()
-    print(f"{'kind':8s} {'shape':22s} {'dtype':5s} {'backend':28s} {'fwd ms':>8s} {'f+b ms':>8s} {'peak MiB':>9s} "
-          f"{'err fwd':>8s} {'err grad':>8s}  ratio vs mamba-ssm (fwd / f+b)")
+    print(f"{'kind':8s} {'shape':22s} {'dtype':5s} {'backend':28s} {'fwd ms':>8s} {'f+b ms':>8s} "
+          + (f"{'f+b GPU':>8s} " if gpu else "")
+          + f"{'peak MiB':>9s} {'err fwd':>8s} {'err grad':>8s}  ratio vs mamba-ssm (fwd / f+b"
+          + (" / f+b GPU)" if gpu else ")"))
     for r in rows:
         ratio = ""
         if r.kind == "1d" and r.backend in ("triton", "torch"):
@@ -533,7 +566,10 @@ def print_table(rows, quoted_only):
             b, d, L = (int(v) for v in r.shape.split()[0].split("x"))
             q = QUOTED_MAMBA.get((b, d, L, 16, r.dtype))
             if m is not None:
-                ratio = f"{m.fwd_ms / r.fwd_ms:.2f}x / {m.fwdbwd_ms / r.fwdbwd_ms:.2f}x faster"
+                ratio = f"{m.fwd_ms / r.fwd_ms:.2f}x / {m.fwdbwd_ms / r.fwdbwd_ms:.2f}x"
+                if m.gpu_fwdbwd_ms and r.gpu_fwdbwd_ms:
+                    ratio += f" / {m.gpu_fwdbwd_ms / r.gpu_fwdbwd_ms:.2f}x"
+                ratio += " faster"
             elif q is not None:
                 ratio = f"{q[0] / r.fwd_ms:.2f}x / {q[1] / r.fwdbwd_ms:.2f}x faster (quoted)"
         if r.kind == "2d" and r.backend == "triton":
@@ -545,7 +581,8 @@ def print_table(rows, quoted_only):
             if m is not None:
                 ratio += f"; vs mamba-ssm 1D same tokens {m.fwd_ms / r.fwd_ms:.2f}x / {m.fwdbwd_ms / r.fwdbwd_ms:.2f}x"
         print(f"{r.kind:8s} {r.shape:22s} {r.dtype:5s} {r.backend:28s} {fmt(r.fwd_ms):>8s} {fmt(r.fwdbwd_ms):>8s} "
-              f"{fmt(r.peak_mib, 0):>9s} {fmt(r.err_fwd, 6) if r.err_fwd is None else f'{r.err_fwd:.1e}':>8s} "
+              + (f"{fmt(r.gpu_fwdbwd_ms):>8s} " if gpu else "")
+              + f"{fmt(r.peak_mib, 0):>9s} {fmt(r.err_fwd, 6) if r.err_fwd is None else f'{r.err_fwd:.1e}':>8s} "
               f"{'-' if r.err_grad is None else f'{r.err_grad:.1e}':>8s}  {ratio} {r.note}")
     if quoted_only:
         print("\nmamba-ssm was not available in this run: ratios use the issue's quoted H100 numbers.")
@@ -562,6 +599,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["1d", "2d"], help="only the 1D or only the 2D scans (checks, timings, sweep, profile)")
     p.add_argument("--torch-gpu", action="store_true", help="also time the torch backend on the GPU")
     p.add_argument("--profile", action="store_true", help="print per-kernel CUDA times of the Triton scans")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="also report each forward+backward's GPU time (its kernels summed, no host gaps)")
     p.add_argument("--host", action="store_true",
                    help="only the eager forward+backward of short bags: host and wall time, against mamba-ssm")
     p.add_argument("--json", type=Path, help="write all rows here")

@@ -164,29 +164,49 @@ _HAS_LIBDEVICE: tl.constexpr = tl.constexpr(not interpreting())
 
 
 @triton.jit
-def delta_act(raw, bias, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr = False):
+def exp_sfu(x):
+    """exp(x) as one `ex2` of the special-function unit, results below 2^-126 flushed to zero. `tl.exp`
+    adds a range check and two rescaling multiplies for such results to every exponential, which no Δ
+    or gate needs."""
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def sigmoid(x, SFU: tl.constexpr):
+    """1 / (1 + exp(-x)); SFU: on `exp_sfu` (see `delta_act`)."""
+    if SFU:
+        return 1.0 / (1.0 + exp_sfu(-x))
+    return tl.sigmoid(x)
+
+
+@triton.jit
+def delta_act(raw, bias, SOFTPLUS: tl.constexpr, SFU: tl.constexpr = False):
     """Δ = softplus(delta + bias) (torch's threshold of 20), or delta + bias.
 
-    FAST_LOG takes softplus's log on the special-function unit (lg2.approx) instead of Triton's
-    ~25-instruction polynomial, a tenth of the 1D forward's instructions; its absolute error (~1e-7)
-    is why small arguments then take a series. The 1D kernels use it; the 2D forward measured 25%
-    slower with it (NOTES_scan.md, version 23) and keeps the polynomial, as does the interpreter."""
+    SFU takes softplus's exponential and log (and `sigmoid`'s exponential) as bare special-function
+    unit instructions: `exp_sfu`, and lg2.approx instead of Triton's ~25-instruction log polynomial.
+    The log's absolute error (~1e-7) is why small arguments then take a series. The 1D kernels use it
+    (the log alone was a tenth of the forward's instructions; `exp_sfu` cut the backward's per-tile
+    part by 12%, compiled for sm_90). The 2D kernels do not: the fast log measured 25% slower in
+    their forward and `exp_sfu` 2-3% slower in their backward, whose tile kernel then spilled more
+    (NOTES_scan.md, versions 23 and 32). The interpreter takes the polynomial."""
     x = raw + bias
     if SOFTPLUS:
-        e = tl.exp(tl.minimum(x, 20.0))
-        if FAST_LOG and _HAS_LIBDEVICE:
+        if SFU and _HAS_LIBDEVICE:
+            e = exp_sfu(tl.minimum(x, 20.0))
             series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * 0.25)))  # e < 2^-5: error < 2e-7
             x = tl.where(x > 20.0, x, tl.where(e < 0.03125, series, libdevice.fast_logf(1.0 + e)))
         else:
+            e = tl.exp(tl.minimum(x, 20.0))
             x = tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
     return x
 
 
 @triton.jit
-def delta_act_grad(raw, bias, SOFTPLUS: tl.constexpr):
+def delta_act_grad(raw, bias, SOFTPLUS: tl.constexpr, SFU: tl.constexpr = False):
     """dΔ/d(delta) for `delta_act`."""
     x = raw + bias
-    g = tl.where(x > 20.0, 1.0, tl.sigmoid(x)) if SOFTPLUS else tl.full(x.shape, 1.0, tl.float32)
+    g = tl.where(x > 20.0, 1.0, sigmoid(x, SFU)) if SOFTPLUS else tl.full(x.shape, 1.0, tl.float32)
     return g
 
 
@@ -233,14 +253,14 @@ def flip_run(reverse: bool, T: int, element_size: int) -> int:
 
 @triton.jit
 def store_gated(out_ptr, xoff, y, u, Dv, z_ptr, m, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                FLIP: tl.constexpr = 0):
+                FLIP: tl.constexpr = 0, SFU: tl.constexpr = False):
     """The forward kernels' output: `(y + D u) * silu(z)` (mamba-ssm's order), stored at xoff (with
     FLIP, offsets from `tile_positions`; y and u in walk order)."""
     if HAS_D:
         y += Dv * u
     if HAS_Z:
         zz = walk_order(tl.load(z_ptr + xoff, mask=m).to(tl.float32), FLIP)  # lanes masked off are never stored
-        y = y * zz * tl.sigmoid(zz)
+        y = y * zz * sigmoid(zz, SFU)
     tl.store(out_ptr + xoff, walk_order(y, FLIP), mask=m)
 
 
@@ -254,7 +274,8 @@ def _next_combine(f1, s1, c1, f2, s2, c2):
 @triton.jit
 def shift_next(x, AXIS: tl.constexpr):
     """x[t+1] at position t along AXIS (the last position keeps x[t]); in registers, no memory.
-    A reverse scan written as flip, forward scan, flip (see `reverse_lin_scan`)."""
+    A reverse scan written as flip, forward scan, flip, since Triton's reverse scans shuffle every
+    element (`reverse_lin_scan`); it runs once a tile, so its flips across lanes were left."""
     cnt = tl.full(x.shape, 1, tl.int32)
     y = tl.flip(x, AXIS)
     _, nxt, _ = tl.associative_scan((y, y, cnt), axis=AXIS, combine_fn=_next_combine)
@@ -262,13 +283,26 @@ def shift_next(x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def reverse_lin_scan(a, b, AXIS: tl.constexpr):
-    """g with g[t] = b[t] + a[t] g[t+1] along AXIS (the adjoint recurrence), as flip, forward scan,
-    flip. Triton 3.8 lowers `associative_scan(..., reverse=True)` with warp shuffles for every element
-    even when AXIS lies inside one thread (160 shuffles for an (8, 32) tile where the forward scan
-    has none, benchmarks/NOTES_scan.md); flips inside a thread are register moves."""
-    _, g = tl.associative_scan((tl.flip(a, AXIS), tl.flip(b, AXIS)), axis=AXIS, combine_fn=lin_combine)
-    return tl.flip(g, AXIS)
+def reverse_lin_scan(a, b):
+    """g with g[t] = b[t] + a[t] g[t+1] along axis 0 of a (T, BD) tile (the adjoint recurrence).
+
+    Each half of the tile is scanned as flip, forward scan, flip, and the right half's first value is
+    then carried into the left half. Why halves: Triton 3.8 lowers `associative_scan(...,
+    reverse=True)` with warp shuffles for every element even along an axis inside one thread, and a
+    tile whose positions span two lanes (16 bf16 or 8 float32: two 16-byte loads) pays one shuffle an
+    element for every flip across them; inside a half, flips are register moves, and the carry is one
+    shuffle a channel (benchmarks/NOTES_scan.md, versions 15 and 32)."""
+    T: tl.constexpr = a.shape[0]
+    BD: tl.constexpr = a.shape[1]
+    P, gl = tl.associative_scan(
+        (tl.flip(tl.reshape(a, (2, T // 2, BD)), 1), tl.flip(tl.reshape(b, (2, T // 2, BD)), 1)),
+        axis=1, combine_fn=lin_combine,
+    )
+    P, gl = tl.flip(P, 1), tl.flip(gl, 1)  # P: the product of a over the rest of the half
+    half = tl.arange(0, 2)[:, None, None]
+    first = tl.arange(0, T // 2)[None, :, None] == 0
+    carry = tl.sum(tl.sum(tl.where((half == 1) & first, gl, 0.0), axis=1), axis=0)[None, None, :]
+    return tl.reshape(gl + P * tl.where(half == 0, carry, 0.0), (T, BD))
 
 
 @triton.jit
@@ -322,12 +356,12 @@ def agg_kernel(
         tm = (offs_t < Lseq)[:, None]
         xoff = seq[None, :] * LS + tile_positions(t0, T, LS, FLIP)
         raw = load_walk(dl_ptr, xoff, FLIP)
-        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, SFU=True), 0.0)
         v = load_walk(v_ptr, xoff, FLIP)
         if REVERSE:
             if HAS_Z:
                 zz = load_walk(z_ptr, xoff, FLIP)
-                v = v * zz * tl.sigmoid(zz)
+                v = v * zz * sigmoid(zz, SFU=True)
         else:
             v = dt * v
         cs = tl.cumsum(dt, axis=0)

@@ -55,6 +55,7 @@ from mambascope.ssm.triton_common import (
     pow2,
     reverse_lin_scan,
     shift_next,
+    sigmoid,
     store_gated,
     tile_positions,
     walk_order,
@@ -153,7 +154,7 @@ def _fwd_kernel(
         else:
             raw = load_walk(dl_ptr, xoff, FLIP)
             u = load_walk(u_ptr, xoff, FLIP)
-        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, SFU=True), 0.0)
         dtu = dt * u
         y = tl.zeros((T, BD), dtype=tl.float32)
         bc_off = bc_base + t0 * N + tr[:, None] + zero_d  # + n * T: an offset the loads encode
@@ -168,7 +169,7 @@ def _fwd_kernel(
             _, h = tl.associative_scan((a, x), axis=0, combine_fn=lin_combine)
             y += Cn * h
             H = tl.where(sel, tl.sum(tl.where(lastr, h, 0.0), axis=0)[None, :], H)
-        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, None, HAS_D, HAS_Z, FLIP)
+        store_gated(out_ptr, xoff, y, u, Dv, z_ptr, None, HAS_D, HAS_Z, FLIP, SFU=True)
     if WRITE_LAST:
         tl.store(last_ptr + state_off, H, mask=nmask & (pid_s == n_seg - 1))
 
@@ -219,13 +220,13 @@ def _bwd_kernel(
         tm = (offs_t < L)[:, None]
         xoff = seq[None, :] * LS + tile_positions(t0, T, LS, FLIP)
         raw = load_walk(dl_ptr, xoff, FLIP)
-        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, True), 0.0)
+        dt = tl.where(tm, delta_act(raw, bias, SOFTPLUS, SFU=True), 0.0)
         dt_next = shift_next(dt, 0)
         u = load_walk(u_ptr, xoff, FLIP)
         dout = load_walk(dout_ptr, xoff, FLIP)
         if HAS_Z:
             zz = load_walk(z_ptr, xoff, FLIP)
-            sz = tl.sigmoid(zz)
+            sz = sigmoid(zz, SFU=True)
             dy = dout * zz * sz
         else:
             dy = dout
@@ -250,7 +251,7 @@ def _bwd_kernel(
             y += Cn * h
             a_next = tl.where(lastr, 0.0, tl.exp2(dt_next * A2n))
             c = dy * Cn + tl.where(lastr, Wn, 0.0)
-            gg = reverse_lin_scan(a_next, c, 0)
+            gg = reverse_lin_scan(a_next, c)
             W = tl.where(sel, tl.sum(tl.where(first, a * gg, 0.0), axis=0)[None, :], W)
             q = gg * (h - x)
             gB += gg * Bn
@@ -270,9 +271,9 @@ def _bwd_kernel(
         if HAS_Z:
             dout = load_walk(dout_ptr, xoff, FLIP)
             zz = load_walk(z_ptr, xoff, FLIP)
-            sz = tl.sigmoid(zz)
+            sz = sigmoid(zz, SFU=True)
             tl.store(dz_ptr + xoff, walk_order(dout * y * sz * (1.0 + zz * (1.0 - sz)), FLIP))
-        ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS)
+        ddt = tl.where(tm, u * gB + qA, 0.0) * delta_act_grad(raw, bias, SOFTPLUS, SFU=True)
         db_acc += tl.sum(ddt, axis=0)[None, :]
         tl.store(du_ptr + xoff, walk_order(du, FLIP))
         tl.store(ddl_ptr + xoff, walk_order(ddt, FLIP))
