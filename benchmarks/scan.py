@@ -391,7 +391,7 @@ def timed_rows(rows, kind, shape, dtype, cands, rounds, check, gpu_time=False) -
     carries the float64 check (error of the output, worst gradient error, passed)."""
     e_out, e_grad, ok = check
     for name, (fwd, both, peak, gpu) in measure_alternated(cands, rounds, gpu_time).items():
-        checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else (None, None, "")
+        checked = (e_out, e_grad, "" if ok else "CHECK FAILED") if name == "triton" else ()
         rows.append(Row(kind, shape, dtype, name, fwd, both, peak, *checked, gpu_fwdbwd_ms=gpu))
 
 
